@@ -1,0 +1,45 @@
+// Command knhk is the sidecar beside Envoy: `knhk serve` runs it,
+// `knhk envoy-config` prints the Envoy bootstrap that goes with a config.
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+)
+
+const usage = `knhk — canary routing, admission and receipts beside Envoy
+
+usage:
+  knhk serve [--config FILE] [--data-dir DIR] [--grpc-addr ADDR] [--admin-addr ADDR] [--log-level LEVEL]
+  knhk envoy-config [--config FILE] [--listener-port N] [--admin-port N] [--failure-mode-allow=BOOL]
+  knhk version
+`
+
+var version = "dev"
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	switch args[0] {
+	case "serve":
+		return serve(args[1:], stderr)
+	case "envoy-config":
+		return envoyConfig(args[1:], stdout, stderr)
+	case "version":
+		fmt.Fprintln(stdout, "knhk", version)
+		return 0
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	default:
+		fmt.Fprintf(stderr, "knhk: unknown command %q\n\n%s", args[0], usage)
+		return 2
+	}
+}

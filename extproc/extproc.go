@@ -1,0 +1,235 @@
+// Package extproc is knhk's Envoy-facing gRPC service: it translates Envoy's
+// ext_proc messages into decisions made by pkg/* and the decisions back into
+// header mutations. It holds no policy of its own.
+package extproc
+
+import (
+	"errors"
+	"io"
+	"log/slog"
+	"strings"
+	"sync/atomic"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/knhk/knhk/pkg/canary"
+)
+
+// Header names of the contract.
+const (
+	HeaderPrefix  = "x-knhk-"
+	HeaderVersion = "x-knhk-version"
+	// ClusterAttribute is the Envoy attribute (requested in the filter's
+	// response_attributes) naming the cluster that actually served a request,
+	// so responses routed by weighted_clusters still report their version.
+	ClusterAttribute = "xds.cluster_name"
+)
+
+// Clusters maps Envoy cluster names to versions.
+type Clusters struct {
+	Stable, Canary string
+}
+
+func (c Clusters) version(name string) canary.Version {
+	switch name {
+	case c.Stable:
+		return canary.Stable
+	case c.Canary:
+		return canary.Canary
+	}
+	return canary.None
+}
+
+// Server implements envoy.service.ext_proc.v3.ExternalProcessor.
+type Server struct {
+	extprocv3.UnimplementedExternalProcessorServer
+
+	router   atomic.Pointer[canary.Router]
+	clusters Clusters
+	metrics  *Metrics
+	log      *slog.Logger
+}
+
+// NewServer returns a server routing with r. metrics may be shared with
+// other servers; log must not be nil.
+func NewServer(r *canary.Router, clusters Clusters, m *Metrics, log *slog.Logger) *Server {
+	s := &Server{clusters: clusters, metrics: m, log: log}
+	s.router.Store(r)
+	return s
+}
+
+// SetRouter swaps the routing decision (config reload); in-flight streams
+// keep the router they started with.
+func (s *Server) SetRouter(r *canary.Router) { s.router.Store(r) }
+
+// Router returns the current router.
+func (s *Server) Router() *canary.Router { return s.router.Load() }
+
+// stream is the per-request state: fixed size, whatever the client sends.
+type stream struct {
+	router          *canary.Router
+	version         canary.Version
+	sawRequest      bool
+	sawResponse     bool
+	observability   bool
+}
+
+// Process handles one HTTP request's ext_proc stream.
+func (s *Server) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
+	s.metrics.streamsActive.Inc()
+	defer s.metrics.streamsActive.Dec()
+	st := stream{router: s.router.Load()}
+	for {
+		req, err := srv.Recv()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err // stream cancelled or transport failure: nothing to answer
+		}
+		resp, err := s.handle(&st, req)
+		if err != nil {
+			s.metrics.streamErrors.WithLabelValues(status.Code(err).String()).Inc()
+			s.log.Warn("ext_proc stream rejected", "error", err)
+			return err
+		}
+		if resp == nil {
+			continue
+		}
+		if err := srv.Send(resp); err != nil {
+			return err
+		}
+	}
+}
+
+// handle answers one message. It returns a gRPC status error for anything a
+// headers-only processor should never be sent.
+func (s *Server) handle(st *stream, req *extprocv3.ProcessingRequest) (*extprocv3.ProcessingResponse, error) {
+	if req.GetObservabilityMode() {
+		st.observability = true
+	}
+	var resp *extprocv3.ProcessingResponse
+	switch r := req.GetRequest().(type) {
+	case *extprocv3.ProcessingRequest_RequestHeaders:
+		if st.sawRequest {
+			return nil, status.Error(codes.InvalidArgument, "request_headers sent twice on one stream")
+		}
+		st.sawRequest = true
+		resp = s.requestHeaders(st, r.RequestHeaders)
+	case *extprocv3.ProcessingRequest_ResponseHeaders:
+		if st.sawResponse {
+			return nil, status.Error(codes.InvalidArgument, "response_headers sent twice on one stream")
+		}
+		st.sawResponse = true
+		resp = s.responseHeaders(st, req)
+	case nil:
+		return nil, status.Error(codes.InvalidArgument, "processing request has no request_headers, response_headers, body or trailers set")
+	default:
+		return nil, status.Errorf(codes.InvalidArgument,
+			"unexpected %s: knhk processes headers only; set processing_mode to SEND headers and NONE bodies/trailers (knhk envoy-config does)",
+			req.ProtoReflect().WhichOneof(req.ProtoReflect().Descriptor().Oneofs().ByName("request")).Name())
+	}
+	if st.observability {
+		return nil, nil
+	}
+	return resp, nil
+}
+
+// requestHeaders strips client x-knhk-* headers and sets the routing header.
+func (s *Server) requestHeaders(st *stream, h *extprocv3.HttpHeaders) *extprocv3.ProcessingResponse {
+	hs := headerView(h.GetHeaders().GetHeaders())
+	st.version = canary.Route(st.router, hs)
+	s.metrics.decisions[st.version].Inc()
+
+	mut := &extprocv3.HeaderMutation{}
+	for _, hv := range hs {
+		k := hv.GetKey()
+		if !strings.HasPrefix(k, HeaderPrefix) {
+			continue
+		}
+		if st.version != canary.None && k == HeaderVersion {
+			continue // overwritten below; removing too would be ambiguous
+		}
+		if !contains(mut.RemoveHeaders, k) {
+			mut.RemoveHeaders = append(mut.RemoveHeaders, k)
+			s.metrics.stripped.Inc()
+		}
+	}
+	if st.version != canary.None {
+		mut.SetHeaders = append(mut.SetHeaders, setHeader(HeaderVersion, st.version.String()))
+	}
+	return &extprocv3.ProcessingResponse{
+		Response: &extprocv3.ProcessingResponse_RequestHeaders{
+			RequestHeaders: &extprocv3.HeadersResponse{
+				Response: &extprocv3.CommonResponse{HeaderMutation: mut, ClearRouteCache: true},
+			},
+		},
+	}
+}
+
+// responseHeaders tells the client which version served the request: the
+// cluster Envoy used when known, else the version knhk chose.
+func (s *Server) responseHeaders(st *stream, req *extprocv3.ProcessingRequest) *extprocv3.ProcessingResponse {
+	v := s.servedBy(req)
+	if v == canary.None {
+		v = st.version
+	}
+	mut := &extprocv3.HeaderMutation{}
+	if v != canary.None {
+		mut.SetHeaders = append(mut.SetHeaders, setHeader(HeaderVersion, v.String()))
+	}
+	return &extprocv3.ProcessingResponse{
+		Response: &extprocv3.ProcessingResponse_ResponseHeaders{
+			ResponseHeaders: &extprocv3.HeadersResponse{
+				Response: &extprocv3.CommonResponse{HeaderMutation: mut},
+			},
+		},
+	}
+}
+
+// servedBy reads the xds.cluster_name attribute, whatever filter name Envoy
+// keys the attribute struct by.
+func (s *Server) servedBy(req *extprocv3.ProcessingRequest) canary.Version {
+	for _, st := range req.GetAttributes() {
+		if v, ok := st.GetFields()[ClusterAttribute]; ok {
+			return s.clusters.version(v.GetStringValue())
+		}
+	}
+	return canary.None
+}
+
+func setHeader(k, v string) *corev3.HeaderValueOption {
+	return &corev3.HeaderValueOption{
+		Header:       &corev3.HeaderValue{Key: k, RawValue: []byte(v)},
+		AppendAction: corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD,
+	}
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// headerView looks up Envoy's header list without building a map: requests
+// carry a few dozen headers, so a scan is cheaper than hashing them all.
+type headerView []*corev3.HeaderValue
+
+// Get returns the first value of a lower-case header.
+func (h headerView) Get(name string) (string, bool) {
+	for _, hv := range h {
+		if hv.GetKey() == name {
+			if raw := hv.GetRawValue(); raw != nil {
+				return string(raw), true
+			}
+			return hv.GetValue(), true
+		}
+	}
+	return "", false
+}

@@ -1,0 +1,42 @@
+package extproc
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/knhk/knhk/pkg/canary"
+)
+
+// Metrics are the ext_proc decision counters exported at /metrics.
+type Metrics struct {
+	decisions     [3]prometheus.Counter // indexed by canary.Version
+	stripped      prometheus.Counter
+	streamsActive prometheus.Gauge
+	streamErrors  *prometheus.CounterVec
+}
+
+// NewMetrics registers the ext_proc metrics on reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	dec := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "knhk_canary_decisions_total",
+		Help: "Routing decisions by version; none = no sticky key, Envoy's weighted clusters decided.",
+	}, []string{"version"})
+	m := &Metrics{
+		stripped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "knhk_extproc_stripped_headers_total",
+			Help: "Client-supplied x-knhk-* headers removed before any decision.",
+		}),
+		streamsActive: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "knhk_extproc_streams_active",
+			Help: "ext_proc streams (HTTP requests) in progress.",
+		}),
+		streamErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "knhk_extproc_stream_errors_total",
+			Help: "ext_proc streams ended with a gRPC error, by code.",
+		}, []string{"code"}),
+	}
+	for _, v := range []canary.Version{canary.None, canary.Stable, canary.Canary} {
+		m.decisions[v] = dec.WithLabelValues(v.String())
+	}
+	reg.MustRegister(dec, m.stripped, m.streamsActive, m.streamErrors)
+	return m
+}

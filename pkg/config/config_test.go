@@ -1,0 +1,118 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestDefaultsAreValid(t *testing.T) {
+	c := Default()
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if c.Listen.GRPC != "127.0.0.1:9002" || c.Listen.Admin != "127.0.0.1:9090" {
+		t.Fatalf("defaults not on the contract's loopback ports: %+v", c.Listen)
+	}
+}
+
+func TestParseOverridesDefaults(t *testing.T) {
+	c, err := Parse("k.yaml", []byte(`
+upstreams:
+  stable: ["127.0.0.1:7001", "127.0.0.1:7003"]
+  canary: ["127.0.0.1:7002"]
+canary:
+  weight: 12.5
+  salt: "checkout-v2"
+  sticky_keys: ["header:x-user-id"]
+envoy:
+  failure_mode_allow: false
+  message_timeout: 350ms
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Canary.Weight != 12.5 || c.Canary.Salt != "checkout-v2" || len(c.Upstreams.Stable) != 2 {
+		t.Fatalf("not parsed: %+v", c)
+	}
+	if c.Envoy.FailureModeAllow || c.Envoy.MessageTimeout.D() != 350*time.Millisecond {
+		t.Fatalf("envoy section not parsed: %+v", c.Envoy)
+	}
+	if c.Listen.GRPC != "127.0.0.1:9002" {
+		t.Fatal("unset key lost its default")
+	}
+}
+
+func TestEmptyFileIsDefaults(t *testing.T) {
+	c, err := Parse("empty.yaml", nil)
+	if err != nil || c.Canary.Weight != Default().Canary.Weight {
+		t.Fatalf("%v %+v", err, c)
+	}
+}
+
+func TestErrorsNameFileKeyAndReason(t *testing.T) {
+	cases := []struct{ yaml, want string }{
+		{"canary:\n  weight: 150\n", "config bad.yaml: canary.weight: weight must be between 0 and 100, got 150"},
+		{"canary:\n  wieght: 5\n", "config bad.yaml:2: canary.wieght: unknown key"},
+		{"canary:\n  weight: lots\n", "config bad.yaml:2: canary.weight: cannot unmarshal"},
+		{"upstreams:\n  stable: []\n", "upstreams.stable: needs at least one host:port"},
+		{"upstreams:\n  stable: [\"nope\"]\n", "upstreams.stable[0]: \"nope\" is not host:port"},
+		{"upstreams:\n  canary: []\n", "upstreams.canary: empty, but canary.weight is 20"},
+		{"canary:\n  sticky_keys: [\"query:id\"]\n", "canary.sticky_keys: [0] \"query:id\": unknown source"},
+		{"canary:\n  sticky_keys: [\"header:a\", \"header:A\"]\n", "canary.sticky_keys: [1] \"header:A\" listed twice"},
+		{"listen:\n  grpc: \":9002\"\n", "listen.grpc: \":9002\" has no host"},
+		{"drain_timeout: -1s\n", "drain_timeout: must not be negative"},
+		{"drain_timeout: soon\n", "config bad.yaml:1: drain_timeout: \"soon\" is not a duration"},
+		{"envoy:\n  listener_port: 70000\n", "envoy.listener_port: must be 1..65535"},
+		{"log:\n  level: loud\n", "log.level: \"loud\" is not one of"},
+		{"- a\n- b\n", "the file must be a mapping"},
+		{"canary: [\n", "config bad.yaml: "},
+	}
+	for _, c := range cases {
+		_, err := Parse("bad.yaml", []byte(c.yaml))
+		if err == nil {
+			t.Errorf("%q accepted", c.yaml)
+			continue
+		}
+		if !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%q:\n got  %v\n want %s", c.yaml, err, c.want)
+		}
+	}
+}
+
+func TestLoadMissingFile(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "nope.yaml")
+	_, err := Load(p)
+	if err == nil || !strings.Contains(err.Error(), p) {
+		t.Fatalf("error does not name the file: %v", err)
+	}
+}
+
+func TestExampleConfigsInRepoAreValid(t *testing.T) {
+	files, _ := filepath.Glob("../../envoy/*knhk*.yaml")
+	if len(files) == 0 {
+		t.Fatal("no example knhk config in envoy/")
+	}
+	for _, f := range files {
+		if _, err := Load(f); err != nil {
+			t.Error(err)
+		}
+	}
+	if _, err := os.Stat("../../envoy/knhk.yaml"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestGRPCAddressForEnvoy(t *testing.T) {
+	c := Default()
+	c.Listen.GRPC = "0.0.0.0:9002"
+	if got := c.GRPCAddressForEnvoy(); got != "127.0.0.1:9002" {
+		t.Fatal(got)
+	}
+	c.Envoy.KnhkAddress = "knhk.svc:9002"
+	if got := c.GRPCAddressForEnvoy(); got != "knhk.svc:9002" {
+		t.Fatal(got)
+	}
+}

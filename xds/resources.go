@@ -1,0 +1,241 @@
+// Package xds turns knhk's state into Envoy resources: the clusters of each
+// version, the route table of DESIGN.md and, for `knhk envoy-config`, a
+// whole bootstrap. It is the only place besides extproc/ that knows Envoy's
+// protos.
+package xds
+
+import (
+	"fmt"
+	"net"
+	"strconv"
+	"time"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	mutationv3 "github.com/envoyproxy/go-control-plane/envoy/config/common/mutation_rules/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	headermutationv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/header_mutation/v3"
+	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+)
+
+// Resource names shared by the bootstrap, the xDS snapshot and extproc.
+const (
+	ClusterStable = "knhk_stable"
+	ClusterCanary = "knhk_canary"
+	ClusterKnhk   = "knhk_grpc"
+	RouteName     = "knhk_routes"
+	ListenerName  = "knhk_ingress"
+
+	headerVersion = "x-knhk-version"
+	headerPrefix  = "x-knhk-"
+	// clusterAttribute is read back by extproc to learn the serving version.
+	clusterAttribute = "xds.cluster_name"
+	bucketsTotal     = 10000
+)
+
+// Upstreams are the endpoints of each version (host:port).
+type Upstreams struct {
+	Stable, Canary []string
+}
+
+// UpstreamClusters returns the stable and canary clusters.
+func UpstreamClusters(u Upstreams) ([]*clusterv3.Cluster, error) {
+	s, err := endpointCluster(ClusterStable, u.Stable, false)
+	if err != nil {
+		return nil, fmt.Errorf("upstreams.stable: %w", err)
+	}
+	c, err := endpointCluster(ClusterCanary, u.Canary, false)
+	if err != nil {
+		return nil, fmt.Errorf("upstreams.canary: %w", err)
+	}
+	return []*clusterv3.Cluster{s, c}, nil
+}
+
+// KnhkCluster is the HTTP/2 cluster Envoy uses to reach knhk's gRPC listener.
+func KnhkCluster(addr string) (*clusterv3.Cluster, error) {
+	return endpointCluster(ClusterKnhk, []string{addr}, true)
+}
+
+func endpointCluster(name string, addrs []string, http2 bool) (*clusterv3.Cluster, error) {
+	lbEndpoints := make([]*endpointv3.LbEndpoint, 0, len(addrs))
+	dns := false
+	for _, a := range addrs {
+		host, portStr, err := net.SplitHostPort(a)
+		if err != nil {
+			return nil, fmt.Errorf("%q is not host:port", a)
+		}
+		port, err := strconv.ParseUint(portStr, 10, 16)
+		if err != nil {
+			return nil, fmt.Errorf("%q: bad port", a)
+		}
+		if net.ParseIP(host) == nil {
+			dns = true
+		}
+		lbEndpoints = append(lbEndpoints, &endpointv3.LbEndpoint{
+			HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{
+				Address: socketAddress(host, uint32(port)),
+			}},
+		})
+	}
+	typ := clusterv3.Cluster_STATIC
+	if dns {
+		typ = clusterv3.Cluster_STRICT_DNS
+	}
+	c := &clusterv3.Cluster{
+		Name:                 name,
+		ConnectTimeout:       durationpb.New(time.Second),
+		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: typ},
+		LoadAssignment: &endpointv3.ClusterLoadAssignment{
+			ClusterName: name,
+			Endpoints:   []*endpointv3.LocalityLbEndpoints{{LbEndpoints: lbEndpoints}},
+		},
+	}
+	if http2 {
+		c.TypedExtensionProtocolOptions = map[string]*anypb.Any{
+			"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": mustAny(&upstreamhttpv3.HttpProtocolOptions{
+				UpstreamProtocolOptions: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig_{
+					ExplicitHttpConfig: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig{
+						ProtocolConfig: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{
+							Http2ProtocolOptions: &corev3.Http2ProtocolOptions{},
+						},
+					},
+				},
+			}),
+		}
+	}
+	return c, nil
+}
+
+func socketAddress(host string, port uint32) *corev3.Address {
+	return &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
+		Address:       host,
+		PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: port},
+	}}}
+}
+
+// RouteConfiguration is the route table: the routing header picks a version;
+// without it (no sticky key, or ext_proc failed open) weighted_clusters split
+// at the same weight the ext_proc hash uses. canaryBuckets is weight × 100.
+func RouteConfiguration(canaryBuckets uint32) *routev3.RouteConfiguration {
+	if canaryBuckets > bucketsTotal {
+		canaryBuckets = bucketsTotal
+	}
+	byHeader := func(version, cluster string) *routev3.Route {
+		return &routev3.Route{
+			Name: "to_" + version,
+			Match: &routev3.RouteMatch{
+				PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"},
+				Headers: []*routev3.HeaderMatcher{{
+					Name: headerVersion,
+					HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{StringMatch: &matcherv3.StringMatcher{
+						MatchPattern: &matcherv3.StringMatcher_Exact{Exact: version},
+					}},
+				}},
+			},
+			Action: &routev3.Route_Route{Route: &routev3.RouteAction{
+				ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: cluster},
+			}},
+		}
+	}
+	weighted := &routev3.Route{
+		Name:  "weighted",
+		Match: &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
+		Action: &routev3.Route_Route{Route: &routev3.RouteAction{
+			ClusterSpecifier: &routev3.RouteAction_WeightedClusters{WeightedClusters: &routev3.WeightedCluster{
+				Clusters: []*routev3.WeightedCluster_ClusterWeight{
+					{Name: ClusterStable, Weight: wrapperspb.UInt32(bucketsTotal - canaryBuckets)},
+					{Name: ClusterCanary, Weight: wrapperspb.UInt32(canaryBuckets)},
+				},
+			}},
+		}},
+	}
+	return &routev3.RouteConfiguration{
+		Name: RouteName,
+		VirtualHosts: []*routev3.VirtualHost{{
+			Name:    "knhk",
+			Domains: []string{"*"},
+			Routes:  []*routev3.Route{byHeader("canary", ClusterCanary), byHeader("stable", ClusterStable), weighted},
+		}},
+	}
+}
+
+// FilterOptions configure the HTTP filters knhk needs in Envoy.
+type FilterOptions struct {
+	FailureModeAllow bool
+	MessageTimeout   time.Duration
+}
+
+// HTTPFilters returns, in order: a header_mutation filter that drops client
+// x-knhk-* headers (so even when ext_proc fails open a client cannot pick its
+// version), the ext_proc filter pointing at knhk, and the router.
+func HTTPFilters(o FilterOptions) []*hcmv3.HttpFilter {
+	strip := &headermutationv3.HeaderMutation{Mutations: &headermutationv3.Mutations{
+		RequestMutations: []*mutationv3.HeaderMutation{{
+			Action: &mutationv3.HeaderMutation_RemoveOnMatch_{RemoveOnMatch: &mutationv3.HeaderMutation_RemoveOnMatch{
+				KeyMatcher: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Prefix{Prefix: headerPrefix}},
+			}},
+		}},
+	}}
+	ext := &extprocfilterv3.ExternalProcessor{
+		GrpcService: &corev3.GrpcService{
+			TargetSpecifier: &corev3.GrpcService_EnvoyGrpc_{EnvoyGrpc: &corev3.GrpcService_EnvoyGrpc{ClusterName: ClusterKnhk}},
+		},
+		FailureModeAllow: o.FailureModeAllow,
+		ProcessingMode: &extprocfilterv3.ProcessingMode{
+			RequestHeaderMode:   extprocfilterv3.ProcessingMode_SEND,
+			ResponseHeaderMode:  extprocfilterv3.ProcessingMode_SEND,
+			RequestBodyMode:     extprocfilterv3.ProcessingMode_NONE,
+			ResponseBodyMode:    extprocfilterv3.ProcessingMode_NONE,
+			RequestTrailerMode:  extprocfilterv3.ProcessingMode_SKIP,
+			ResponseTrailerMode: extprocfilterv3.ProcessingMode_SKIP,
+		},
+		MessageTimeout:     durationpb.New(o.MessageTimeout),
+		ResponseAttributes: []string{clusterAttribute},
+	}
+	return []*hcmv3.HttpFilter{
+		{Name: "knhk.strip_client_headers", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(strip)}},
+		{Name: "envoy.filters.http.ext_proc", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(ext)}},
+		{Name: "envoy.filters.http.router", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&routerv3.Router{})}},
+	}
+}
+
+// Listener is the client-facing HTTP listener with knhk's filters and an
+// inline route table.
+func Listener(address string, port uint32, rc *routev3.RouteConfiguration, f FilterOptions) *listenerv3.Listener {
+	hcm := &hcmv3.HttpConnectionManager{
+		StatPrefix:     "ingress",
+		CodecType:      hcmv3.HttpConnectionManager_AUTO,
+		RouteSpecifier: &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: rc},
+		HttpFilters:    HTTPFilters(f),
+	}
+	return &listenerv3.Listener{
+		Name:    ListenerName,
+		Address: socketAddress(address, port),
+		FilterChains: []*listenerv3.FilterChain{{
+			Filters: []*listenerv3.Filter{{
+				Name:       "envoy.filters.network.http_connection_manager",
+				ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: mustAny(hcm)},
+			}},
+		}},
+	}
+}
+
+// mustAny wraps a message built in this package; failure is a programming
+// error, never input-dependent.
+func mustAny(m proto.Message) *anypb.Any {
+	a, err := anypb.New(m)
+	if err != nil {
+		panic(err)
+	}
+	return a
+}
