@@ -159,7 +159,7 @@ func (s *Server) requestHeaders(st *stream, h *extprocv3.HttpHeaders) *extprocv3
 		}
 	}
 	if st.version != canary.None {
-		mut.SetHeaders = append(mut.SetHeaders, setHeader(HeaderVersion, st.version.String()))
+		mut.SetHeaders = append(mut.SetHeaders, setHeader(HeaderVersion, versionRaw[st.version]))
 	}
 	return &extprocv3.ProcessingResponse{
 		Response: &extprocv3.ProcessingResponse_RequestHeaders{
@@ -179,7 +179,7 @@ func (s *Server) responseHeaders(st *stream, req *extprocv3.ProcessingRequest) *
 	}
 	mut := &extprocv3.HeaderMutation{}
 	if v != canary.None {
-		mut.SetHeaders = append(mut.SetHeaders, setHeader(HeaderVersion, v.String()))
+		mut.SetHeaders = append(mut.SetHeaders, setHeader(HeaderVersion, versionRaw[v]))
 	}
 	return &extprocv3.ProcessingResponse{
 		Response: &extprocv3.ProcessingResponse_ResponseHeaders{
@@ -201,9 +201,12 @@ func (s *Server) servedBy(req *extprocv3.ProcessingRequest) canary.Version {
 	return canary.None
 }
 
-func setHeader(k, v string) *corev3.HeaderValueOption {
+// versionRaw holds the header values once; protos only read them.
+var versionRaw = [...][]byte{canary.None: nil, canary.Stable: []byte("stable"), canary.Canary: []byte("canary")}
+
+func setHeader(k string, v []byte) *corev3.HeaderValueOption {
 	return &corev3.HeaderValueOption{
-		Header:       &corev3.HeaderValue{Key: k, RawValue: []byte(v)},
+		Header:       &corev3.HeaderValue{Key: k, RawValue: v},
 		AppendAction: corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD,
 	}
 }
