@@ -25,6 +25,9 @@ type BootstrapOptions struct {
 	CanaryBuckets    uint32 // weight × 100
 	FailureModeAllow bool
 	MessageTimeout   time.Duration
+	// SkipExtProc leaves knhk out of the filter chain: Envoy alone, the
+	// baseline `make bench` measures knhk against.
+	SkipExtProc bool
 }
 
 // Bootstrap builds and validates an Envoy bootstrap.
@@ -48,7 +51,7 @@ func Bootstrap(o BootstrapOptions) (*bootstrapv3.Bootstrap, error) {
 		},
 		StaticResources: &bootstrapv3.Bootstrap_StaticResources{
 			Listeners: []*listenerv3.Listener{Listener(o.ListenerAddress, o.ListenerPort, RouteConfiguration(o.CanaryBuckets),
-				FilterOptions{FailureModeAllow: o.FailureModeAllow, MessageTimeout: o.MessageTimeout})},
+				FilterOptions{FailureModeAllow: o.FailureModeAllow, MessageTimeout: o.MessageTimeout, SkipExtProc: o.SkipExtProc})},
 			Clusters: append([]*clusterv3.Cluster{knhk}, ups...),
 		},
 	}

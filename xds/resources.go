@@ -173,6 +173,7 @@ func RouteConfiguration(canaryBuckets uint32) *routev3.RouteConfiguration {
 type FilterOptions struct {
 	FailureModeAllow bool
 	MessageTimeout   time.Duration
+	SkipExtProc      bool // baseline only: no header strip, no ext_proc
 }
 
 // HTTPFilters returns, in order: a header_mutation filter that drops client
@@ -202,10 +203,14 @@ func HTTPFilters(o FilterOptions) []*hcmv3.HttpFilter {
 		MessageTimeout:     durationpb.New(o.MessageTimeout),
 		ResponseAttributes: []string{clusterAttribute},
 	}
+	router := &hcmv3.HttpFilter{Name: "envoy.filters.http.router", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&routerv3.Router{})}}
+	if o.SkipExtProc {
+		return []*hcmv3.HttpFilter{router}
+	}
 	return []*hcmv3.HttpFilter{
 		{Name: "knhk.strip_client_headers", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(strip)}},
 		{Name: "envoy.filters.http.ext_proc", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(ext)}},
-		{Name: "envoy.filters.http.router", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&routerv3.Router{})}},
+		router,
 	}
 }
 

@@ -30,6 +30,7 @@ func envoyConfig(args []string, stdout, stderr io.Writer) int {
 	cfgPath := fs.String("config", "", "knhk config file; embedded defaults when empty")
 	listenerPort := fs.Int("listener-port", 0, "Envoy listener port (overrides envoy.listener_port)")
 	adminPort := fs.Int("admin-port", 0, "Envoy admin port (overrides envoy.admin_port)")
+	baseline := fs.Bool("baseline-without-knhk", false, "benchmarks only: leave knhk out of the filter chain (Envoy alone)")
 	var fma optionalBool
 	fs.Var(&fma, "failure-mode-allow", "serve requests when knhk is unreachable (overrides envoy.failure_mode_allow)")
 	if err := fs.Parse(args); err != nil {
@@ -50,7 +51,7 @@ func envoyConfig(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "knhk:", err)
 		return 1
 	}
-	out, err := renderBootstrap(&cfg)
+	out, err := renderBootstrap(&cfg, *baseline)
 	if err != nil {
 		fmt.Fprintln(stderr, "knhk:", err)
 		return 1
@@ -60,7 +61,7 @@ func envoyConfig(args []string, stdout, stderr io.Writer) int {
 }
 
 // renderBootstrap returns the YAML bootstrap for a validated config.
-func renderBootstrap(cfg *config.Config) ([]byte, error) {
+func renderBootstrap(cfg *config.Config, baseline bool) ([]byte, error) {
 	buckets, err := canary.WeightToBuckets(cfg.Canary.Weight)
 	if err != nil {
 		return nil, err
@@ -74,6 +75,7 @@ func renderBootstrap(cfg *config.Config) ([]byte, error) {
 		CanaryBuckets:    buckets,
 		FailureModeAllow: cfg.Envoy.FailureModeAllow,
 		MessageTimeout:   cfg.Envoy.MessageTimeout.D(),
+		SkipExtProc:      baseline,
 	})
 	if err != nil {
 		return nil, err

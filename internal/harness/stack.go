@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"strconv"
 	"time"
@@ -63,6 +64,9 @@ func KnhkConfig(o StackOptions, stable, canary string) (config.Config, error) {
 // StartStack starts upstreams, knhk and Envoy and waits until all are ready.
 func StartStack(o StackOptions) (_ *Stack, err error) {
 	s := &Stack{Opts: o}
+	if err := os.MkdirAll(o.Dir, 0o700); err != nil {
+		return nil, err
+	}
 	defer func() {
 		if err != nil {
 			s.Close()
