@@ -3,6 +3,7 @@ package extproc
 import (
 	"errors"
 	"io"
+	"runtime"
 
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"google.golang.org/grpc"
@@ -45,4 +46,11 @@ func RegisterNoop(s interface {
 	RegisterService(*grpc.ServiceDesc, any)
 }) {
 	s.RegisterService(&extprocv3.ExternalProcessor_ServiceDesc, Noop{})
+}
+
+// GRPCServerOptions are the gRPC server settings for ext_proc listeners.
+// One stream per HTTP request makes goroutine creation per stream a real
+// cost, so streams are served by a fixed pool of workers, one per CPU.
+func GRPCServerOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0)))}
 }

@@ -67,7 +67,7 @@ func noopServer(addr string) error {
 	if err != nil {
 		return err
 	}
-	g := grpc.NewServer()
+	g := grpc.NewServer(extproc.GRPCServerOptions()...)
 	extproc.RegisterNoop(g)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()

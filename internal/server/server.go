@@ -84,7 +84,7 @@ func New(cfg config.Config, log *slog.Logger) (*Server, error) {
 	s.extproc = extproc.NewServer(router, extproc.Clusters{Stable: xds.ClusterStable, Canary: xds.ClusterCanary},
 		extproc.NewMetrics(s.reg), log)
 	s.health = health.NewServer()
-	s.grpc = grpc.NewServer()
+	s.grpc = grpc.NewServer(extproc.GRPCServerOptions()...)
 	extprocv3.RegisterExternalProcessorServer(s.grpc, s.extproc)
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 
