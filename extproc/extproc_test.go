@@ -2,6 +2,7 @@ package extproc
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -78,9 +79,9 @@ func respHeaders(cluster string) *extprocv3.ProcessingRequest {
 	return r
 }
 
-func setValue(m *extprocv3.HeaderMutation, key string) (string, bool) {
+func versionSet(m *extprocv3.HeaderMutation) (string, bool) {
 	for _, h := range m.GetSetHeaders() {
-		if h.GetHeader().GetKey() == key {
+		if h.GetHeader().GetKey() == HeaderVersion {
 			return string(h.GetHeader().GetRawValue()), true
 		}
 	}
@@ -120,7 +121,7 @@ func TestRequestHeadersRouteAndStrip(t *testing.T) {
 	if !common.GetClearRouteCache() {
 		t.Fatal("route cache not cleared: Envoy would keep the route picked before the header was set")
 	}
-	if v, ok := setValue(common.GetHeaderMutation(), HeaderVersion); !ok || v != "stable" {
+	if v, ok := versionSet(common.GetHeaderMutation()); !ok || v != "stable" {
 		t.Fatalf("x-knhk-version = %q (%v), want stable despite the client's canary", v, ok)
 	}
 	if got := common.GetHeaderMutation().GetRemoveHeaders(); len(got) != 1 || got[0] != "x-knhk-flags" {
@@ -135,11 +136,11 @@ func TestRequestHeadersRouteAndStrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if v, _ := setValue(resp.GetResponseHeaders().GetResponse().GetHeaderMutation(), HeaderVersion); v != "stable" {
+	if v, _ := versionSet(resp.GetResponseHeaders().GetResponse().GetHeaderMutation()); v != "stable" {
 		t.Fatalf("response x-knhk-version = %q", v)
 	}
 	_ = stream.CloseSend()
-	if _, err := stream.Recv(); err != io.EOF {
+	if _, err := stream.Recv(); !errors.Is(err, io.EOF) {
 		t.Fatalf("stream end: %v", err)
 	}
 	if got := testutil.ToFloat64(s.metrics.decisions[canary.Stable]); got != 1 {
@@ -162,7 +163,7 @@ func TestNoKeyStripsAndLeavesRoutingToEnvoy(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := resp.GetRequestHeaders().GetResponse().GetHeaderMutation()
-	if _, ok := setValue(m, HeaderVersion); ok {
+	if _, ok := versionSet(m); ok {
 		t.Fatal("routing header set without a sticky key")
 	}
 	if got := m.GetRemoveHeaders(); len(got) != 1 || got[0] != HeaderVersion {
@@ -174,7 +175,7 @@ func TestNoKeyStripsAndLeavesRoutingToEnvoy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if v, _ := setValue(resp.GetResponseHeaders().GetResponse().GetHeaderMutation(), HeaderVersion); v != "canary" {
+	if v, _ := versionSet(resp.GetResponseHeaders().GetResponse().GetHeaderMutation()); v != "canary" {
 		t.Fatalf("response x-knhk-version = %q, want canary from the cluster attribute", v)
 	}
 }
@@ -229,12 +230,12 @@ func TestRouterSwapKeepsInflightStreams(t *testing.T) {
 	r100, _ := canary.NewRouter("salt", 100, []canary.Source{{Kind: canary.FromHeader, Name: "x-user-id"}})
 	s.SetRouter(r100)
 	resp, _ := s.handle(&st, reqHeaders("x-user-id", "a"))
-	if v, _ := setValue(resp.GetRequestHeaders().GetResponse().GetHeaderMutation(), HeaderVersion); v != "stable" {
+	if v, _ := versionSet(resp.GetRequestHeaders().GetResponse().GetHeaderMutation()); v != "stable" {
 		t.Fatalf("in-flight stream changed router mid-request: %s", v)
 	}
 	st2 := stream{router: s.Router()}
 	resp, _ = s.handle(&st2, reqHeaders("x-user-id", "a"))
-	if v, _ := setValue(resp.GetRequestHeaders().GetResponse().GetHeaderMutation(), HeaderVersion); v != "canary" {
+	if v, _ := versionSet(resp.GetRequestHeaders().GetResponse().GetHeaderMutation()); v != "canary" {
 		t.Fatalf("new stream did not pick up the new router: %s", v)
 	}
 }

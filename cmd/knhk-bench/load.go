@@ -19,7 +19,7 @@ type result struct {
 
 // attack sends GET url at a constant rate (open loop: vegeta paces requests
 // regardless of responses) from rotating sticky users.
-func attack(url string, rate int, dur time.Duration) (result, error) {
+func attack(url string, rate int, dur time.Duration) result {
 	var n atomic.Uint64
 	targeter := func(t *vegeta.Target) error {
 		t.Method = http.MethodGet
@@ -42,5 +42,5 @@ func attack(url string, rate int, dur time.Duration) (result, error) {
 		}
 		return lat[min(len(lat)-1, int(p*float64(len(lat))))]
 	}
-	return result{p50: q(0.50), p99: q(0.99), success: m.Success, throughput: m.Throughput}, nil
+	return result{p50: q(0.50), p99: q(0.99), success: m.Success, throughput: m.Throughput}
 }

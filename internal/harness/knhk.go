@@ -57,7 +57,7 @@ func (k *Knhk) WaitReady(timeout time.Duration) error {
 		select {
 		case err := <-k.done:
 			k.done <- err
-			return fmt.Errorf("knhk exited: %v", err)
+			return fmt.Errorf("knhk exited: %w", err)
 		default:
 		}
 		return HTTPOK(k.AdminURL() + "/readyz")
@@ -92,8 +92,8 @@ func (k *Knhk) Stop(timeout time.Duration) error {
 // Kill ends the process at once (SIGKILL).
 func (k *Knhk) Kill() {
 	_ = k.cmd.Process.Kill()
-	<-k.done
-	k.done <- nil
+	err := <-k.done
+	k.done <- err
 }
 
 // EnvoyConfig runs `bin envoy-config --config cfgPath` and writes the
@@ -103,7 +103,7 @@ func EnvoyConfig(bin, cfgPath, out string, extra ...string) error {
 	cmd := exec.Command(bin, append([]string{"envoy-config", "--config", cfgPath}, extra...)...)
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("knhk envoy-config: %v: %s", err, stderr.String())
+		return fmt.Errorf("knhk envoy-config: %w: %s", err, stderr.String())
 	}
 	return os.WriteFile(out, stdout.Bytes(), 0o600)
 }

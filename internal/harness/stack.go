@@ -69,7 +69,7 @@ func StartStack(o StackOptions) (_ *Stack, err error) {
 	}
 	defer func() {
 		if err != nil {
-			s.Close()
+			_ = s.Close()
 		}
 	}()
 	stableAddr, canaryAddr := o.StableAddr, o.CanaryAddr

@@ -193,7 +193,7 @@ func (c *Config) validate(file string) error {
 	if err := checkAddr(c.Listen.Admin); err != nil {
 		return fail("listen.admin", "%v", err)
 	}
-	if c.Listen.GRPC == c.Listen.Admin {
+	if c.Listen.GRPC == c.Listen.Admin && !strings.HasSuffix(c.Listen.GRPC, ":0") {
 		return fail("listen.admin", "same address as listen.grpc (%s)", c.Listen.GRPC)
 	}
 	if c.DataDir == "" {

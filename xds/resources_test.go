@@ -1,0 +1,73 @@
+package xds
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+)
+
+func weights(rc *routev3.RouteConfiguration) map[string]uint32 {
+	out := map[string]uint32{}
+	routes := rc.GetVirtualHosts()[0].GetRoutes()
+	for _, c := range routes[len(routes)-1].GetRoute().GetWeightedClusters().GetClusters() {
+		out[c.GetName()] = c.GetWeight().GetValue()
+	}
+	return out
+}
+
+func TestRouteTable(t *testing.T) {
+	rc := RouteConfiguration(2050) // 20.5 %
+	if err := rc.ValidateAll(); err != nil {
+		t.Fatal(err)
+	}
+	routes := rc.GetVirtualHosts()[0].GetRoutes()
+	if len(routes) != 3 {
+		t.Fatalf("%d routes", len(routes))
+	}
+	for i, want := range []struct{ value, cluster string }{{"canary", ClusterCanary}, {"stable", ClusterStable}} {
+		h := routes[i].GetMatch().GetHeaders()[0]
+		if h.GetName() != headerVersion || h.GetStringMatch().GetExact() != want.value || routes[i].GetRoute().GetCluster() != want.cluster {
+			t.Fatalf("route %d does not send %s=%s to %s", i, headerVersion, want.value, want.cluster)
+		}
+	}
+	if w := weights(rc); w[ClusterStable] != 7950 || w[ClusterCanary] != 2050 {
+		t.Fatalf("weights %v", w)
+	}
+	if w := weights(RouteConfiguration(20000)); w[ClusterCanary] != 10000 || w[ClusterStable] != 0 {
+		t.Fatalf("weight not clamped to 100%%: %v", w)
+	}
+}
+
+func TestBootstrap(t *testing.T) {
+	o := BootstrapOptions{
+		ListenerAddress: "127.0.0.1", ListenerPort: 10000, AdminPort: 9901, KnhkGRPC: "127.0.0.1:9002",
+		Upstreams:     Upstreams{Stable: []string{"127.0.0.1:8001"}, Canary: []string{"canary.internal:8002"}},
+		CanaryBuckets: 2000, FailureModeAllow: false, MessageTimeout: 200 * time.Millisecond,
+	}
+	b, err := Bootstrap(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	y, err := BootstrapYAML(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(y)
+	for _, want := range []string{"failure_mode_allow: false", "request_body_mode: NONE", "type: STRICT_DNS", "xds.cluster_name", "prefix: x-knhk-", "http2_protocol_options"} {
+		if !strings.Contains(s, want) {
+			t.Errorf("bootstrap lacks %q", want)
+		}
+	}
+	o.SkipExtProc = true
+	b, _ = Bootstrap(o)
+	y, _ = BootstrapYAML(b)
+	if strings.Contains(string(y), "ext_proc.v3") {
+		t.Fatal("baseline bootstrap still has ext_proc")
+	}
+	o.KnhkGRPC = "nope"
+	if _, err := Bootstrap(o); err == nil {
+		t.Fatal("bad knhk address accepted")
+	}
+}
