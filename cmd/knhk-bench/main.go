@@ -164,6 +164,7 @@ func run(rate int, dur time.Duration, rounds int, maxRates []int, step time.Dura
 	fmt.Printf("\nhighest sustained rate (achieved ≥ 97%% of offered, ≥ 99.9%% success, p99 < 50 ms), %s steps\n", step)
 	sustained := map[string]int{}
 	for _, s := range setups {
+		settle(s.url)
 		best := 0
 		for _, r := range maxRates {
 			x := attack(s.url, r, step)
@@ -189,6 +190,18 @@ func run(rate int, dur time.Duration, rounds int, maxRates []int, step time.Dura
 	fmt.Printf("knhk ÷ Envoy alone:  p50 %.2f×, p99 %.2f×, sustained rate %.2f×\n",
 		ratio(knhk.p50, alone.p50), ratio(knhk.p99, alone.p99), float64(sustained[setups[2].name])/float64(max(1, sustained[setups[0].name])))
 	return nil
+}
+
+// settle waits until a light load sees a quiet p99 again, so the backlog an
+// overloaded step leaves (queued requests, open connections) does not count
+// against the next setup.
+func settle(url string) {
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if x := attack(url, 200, time.Second); x.success == 1 && x.p99 < 5*time.Millisecond {
+			return
+		}
+	}
 }
 
 func mark(ok bool) string {
