@@ -1,11 +1,9 @@
 package e2e
 
 import (
-	"net"
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 
@@ -95,7 +93,8 @@ func TestDockerComposeMatchesEnvoyDir(t *testing.T) {
 			t.Errorf("%s upstream listens on %q, knhk config expects %v", v.svc, addr, v.want)
 		}
 	}
-	// Envoy's bootstrap: the mounted file, reaching knhk on 9002, listener 10000, admin 9901.
+	// Envoy's bootstrap: the mounted file, reaching knhk on 9002 (ext_proc)
+	// and 18000 (xDS), listener 10000, admin 9901. Upstreams come over xDS.
 	envoyCfg := mounts[argAfter(c.Services["envoy"].Command, "-c")]
 	if filepath.Base(envoyCfg) != "envoy.yaml" {
 		t.Fatalf("envoy does not run envoy/envoy.yaml: %q", envoyCfg)
@@ -105,7 +104,10 @@ func TestDockerComposeMatchesEnvoyDir(t *testing.T) {
 		t.Fatal(err)
 	}
 	ports := socketPorts(t, b)
-	for _, p := range []int{9002, 10000, 9901, portOf(cfg.Upstreams.Stable[0]), portOf(cfg.Upstreams.Canary[0])} {
+	if cfg.Listen.XDS != "127.0.0.1:18000" {
+		t.Fatalf("knhk xDS on %s, contract says 127.0.0.1:18000", cfg.Listen.XDS)
+	}
+	for _, p := range []int{9002, 18000, 10000, 9901} {
 		if !slices.Contains(ports, p) {
 			t.Errorf("envoy/envoy.yaml has no socket address on port %d (has %v)", p, ports)
 		}
@@ -121,11 +123,6 @@ func argAfter(args []string, flag string) string {
 	return ""
 }
 
-func portOf(addr string) int {
-	_, p, _ := net.SplitHostPort(addr)
-	n, _ := strconv.Atoi(p)
-	return n
-}
 
 // socketPorts collects every port_value in a bootstrap.
 func socketPorts(t *testing.T, b []byte) []int {

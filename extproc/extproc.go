@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
@@ -16,12 +17,14 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/knhk/knhk/pkg/canary"
+	"github.com/knhk/knhk/pkg/flags"
 )
 
 // Header names of the contract.
 const (
 	HeaderPrefix  = "x-knhk-"
 	HeaderVersion = "x-knhk-version"
+	HeaderFlags   = "x-knhk-flags"
 	// ClusterAttribute is the Envoy attribute (requested in the filter's
 	// response_attributes) naming the cluster that actually served a request,
 	// so responses routed by weighted_clusters still report their version.
@@ -43,23 +46,36 @@ func (c Clusters) version(name string) canary.Version {
 	return canary.None
 }
 
+// Observer receives every finished request: the version that served it,
+// whether it failed (5xx, local reply, reset) and its latency from request
+// headers to response headers.
+type Observer interface {
+	Observe(v canary.Version, failed bool, latency time.Duration)
+}
+
 // Server implements envoy.service.ext_proc.v3.ExternalProcessor.
 type Server struct {
 	extprocv3.UnimplementedExternalProcessorServer
 
 	router   atomic.Pointer[canary.Router]
+	flags    atomic.Pointer[flags.Set]
 	clusters Clusters
 	metrics  *Metrics
 	log      *slog.Logger
+	observer Observer
+	now      func() time.Time
 }
 
 // NewServer returns a server routing with r. metrics may be shared with
-// other servers; log must not be nil.
-func NewServer(r *canary.Router, clusters Clusters, m *Metrics, log *slog.Logger) *Server {
-	s := &Server{clusters: clusters, metrics: m, log: log}
+// other servers; log must not be nil; obs may be nil.
+func NewServer(r *canary.Router, clusters Clusters, m *Metrics, log *slog.Logger, obs Observer) *Server {
+	s := &Server{clusters: clusters, metrics: m, log: log, observer: obs, now: time.Now}
 	s.router.Store(r)
 	return s
 }
+
+// SetFlags swaps the feature flags (config reload); nil means none.
+func (s *Server) SetFlags(f *flags.Set) { s.flags.Store(f) }
 
 // SetRouter swaps the routing decision (config reload); in-flight streams
 // keep the router they started with.
@@ -71,7 +87,9 @@ func (s *Server) Router() *canary.Router { return s.router.Load() }
 // stream is the per-request state: fixed size, whatever the client sends.
 type stream struct {
 	router        *canary.Router
+	flags         *flags.Set
 	version       canary.Version
+	start         time.Time
 	sawRequest    bool
 	sawResponse   bool
 	observability bool
@@ -81,7 +99,8 @@ type stream struct {
 func (s *Server) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
 	s.metrics.streamsActive.Inc()
 	defer s.metrics.streamsActive.Dec()
-	st := stream{router: s.router.Load()}
+	st := stream{router: s.router.Load(), flags: s.flags.Load()}
+	defer s.streamEnded(&st)
 	for {
 		req, err := srv.Recv()
 		if errors.Is(err, io.EOF) {
@@ -138,10 +157,21 @@ func (s *Server) handle(st *stream, req *extprocv3.ProcessingRequest) (*extprocv
 	return resp, nil
 }
 
+// streamEnded counts a request that got no response headers (reset by the
+// client or upstream, or Envoy gave up) as a failure of its version.
+func (s *Server) streamEnded(st *stream) {
+	if st.sawRequest && !st.sawResponse && s.observer != nil && st.version != canary.None {
+		s.observer.Observe(st.version, true, s.now().Sub(st.start))
+		s.metrics.resets.Inc()
+	}
+}
+
 // requestHeaders strips client x-knhk-* headers and sets the routing header.
 func (s *Server) requestHeaders(st *stream, h *extprocv3.HttpHeaders) *extprocv3.ProcessingResponse {
+	st.start = s.now()
 	hs := headerView(h.GetHeaders().GetHeaders())
-	st.version = canary.Route(st.router, hs)
+	var key string
+	st.version, key = canary.Route(st.router, hs)
 	s.metrics.decisions[st.version].Inc()
 
 	mut := &extprocv3.HeaderMutation{}
@@ -161,6 +191,11 @@ func (s *Server) requestHeaders(st *stream, h *extprocv3.HttpHeaders) *extprocv3
 	if st.version != canary.None {
 		mut.SetHeaders = append(mut.SetHeaders, setHeader(HeaderVersion, versionRaw[st.version]))
 	}
+	if st.flags != nil {
+		if f := st.flags.Header(st.version, key, key != ""); f != "" {
+			mut.SetHeaders = append(mut.SetHeaders, setHeader(HeaderFlags, []byte(f)))
+		}
+	}
 	return &extprocv3.ProcessingResponse{
 		Response: &extprocv3.ProcessingResponse_RequestHeaders{
 			RequestHeaders: &extprocv3.HeadersResponse{
@@ -176,6 +211,10 @@ func (s *Server) responseHeaders(st *stream, req *extprocv3.ProcessingRequest) *
 	v := s.servedBy(req)
 	if v == canary.None {
 		v = st.version
+	}
+	if s.observer != nil && st.sawRequest {
+		code := statusCode(req.GetResponseHeaders().GetHeaders().GetHeaders())
+		s.observer.Observe(v, code >= 500 || code == 0, s.now().Sub(st.start))
 	}
 	mut := &extprocv3.HeaderMutation{}
 	if v != canary.None {
@@ -203,6 +242,31 @@ func (s *Server) servedBy(req *extprocv3.ProcessingRequest) canary.Version {
 
 // versionRaw holds the header values once; protos only read them.
 var versionRaw = [...][]byte{canary.None: nil, canary.Stable: []byte("stable"), canary.Canary: []byte("canary")}
+
+// statusCode parses :status without allocating; 0 when absent or malformed.
+func statusCode(hs []*corev3.HeaderValue) int {
+	for _, h := range hs {
+		if h.GetKey() != ":status" {
+			continue
+		}
+		raw := h.GetRawValue()
+		if raw == nil {
+			raw = []byte(h.GetValue())
+		}
+		if len(raw) != 3 {
+			return 0
+		}
+		n := 0
+		for _, c := range raw {
+			if c < '0' || c > '9' {
+				return 0
+			}
+			n = n*10 + int(c-'0')
+		}
+		return n
+	}
+	return 0
+}
 
 func setHeader(k string, v []byte) *corev3.HeaderValueOption {
 	return &corev3.HeaderValueOption{

@@ -32,7 +32,7 @@ func newServer(t testing.TB, weight float64) (*Server, *prometheus.Registry) {
 		t.Fatal(err)
 	}
 	reg := prometheus.NewRegistry()
-	return NewServer(r, clusters, NewMetrics(reg), slog.New(slog.DiscardHandler)), reg
+	return NewServer(r, clusters, NewMetrics(reg), slog.New(slog.DiscardHandler), nil), reg
 }
 
 // dial serves s over an in-memory gRPC connection: the same framing and

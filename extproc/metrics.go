@@ -10,6 +10,7 @@ import (
 type Metrics struct {
 	decisions     [3]prometheus.Counter // indexed by canary.Version
 	stripped      prometheus.Counter
+	resets        prometheus.Counter
 	streamsActive prometheus.Gauge
 	streamErrors  *prometheus.CounterVec
 }
@@ -25,6 +26,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "knhk_extproc_stripped_headers_total",
 			Help: "Client-supplied x-knhk-* headers removed before any decision.",
 		}),
+		resets: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "knhk_extproc_unanswered_requests_total",
+			Help: "Requests whose stream ended without response headers (resets); counted as failures of their version.",
+		}),
 		streamsActive: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "knhk_extproc_streams_active",
 			Help: "ext_proc streams (HTTP requests) in progress.",
@@ -37,6 +42,6 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	for _, v := range []canary.Version{canary.None, canary.Stable, canary.Canary} {
 		m.decisions[v] = dec.WithLabelValues(v.String())
 	}
-	reg.MustRegister(dec, m.stripped, m.streamsActive, m.streamErrors)
+	reg.MustRegister(dec, m.stripped, m.resets, m.streamsActive, m.streamErrors)
 	return m
 }

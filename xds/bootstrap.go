@@ -21,8 +21,8 @@ type BootstrapOptions struct {
 	ListenerPort     uint32
 	AdminPort        uint32
 	KnhkGRPC         string // host:port of knhk's gRPC listener as Envoy sees it
-	Upstreams        Upstreams
-	CanaryBuckets    uint32 // weight × 100
+	KnhkXDS          string // host:port of knhk's xDS listener as Envoy sees it
+	Delta            bool   // DELTA_GRPC instead of state-of-the-world GRPC
 	FailureModeAllow bool
 	MessageTimeout   time.Duration
 	// SkipExtProc leaves knhk out of the filter chain: Envoy alone, the
@@ -30,29 +30,46 @@ type BootstrapOptions struct {
 	SkipExtProc bool
 }
 
-// Bootstrap builds and validates an Envoy bootstrap.
+// Bootstrap builds and validates an Envoy bootstrap: the listener and knhk's
+// two clusters are static; the version clusters (CDS) and the route table
+// (RDS) come from knhk over one ADS stream, so weight changes need no restart.
 func Bootstrap(o BootstrapOptions) (*bootstrapv3.Bootstrap, error) {
-	ups, err := UpstreamClusters(o.Upstreams)
-	if err != nil {
-		return nil, err
-	}
 	knhk, err := KnhkCluster(o.KnhkGRPC)
 	if err != nil {
 		return nil, fmt.Errorf("knhk gRPC address: %w", err)
 	}
+	xdsCluster, err := endpointCluster(ClusterXDS, []string{o.KnhkXDS}, true)
+	if err != nil {
+		return nil, fmt.Errorf("knhk xDS address: %w", err)
+	}
 	node := o.NodeID
 	if node == "" {
 		node = "knhk-envoy"
+	}
+	api := corev3.ApiConfigSource_GRPC
+	if o.Delta {
+		api = corev3.ApiConfigSource_DELTA_GRPC
 	}
 	b := &bootstrapv3.Bootstrap{
 		Node: &corev3.Node{Id: node, Cluster: "knhk"},
 		Admin: &bootstrapv3.Admin{
 			Address: socketAddress("127.0.0.1", o.AdminPort),
 		},
+		DynamicResources: &bootstrapv3.Bootstrap_DynamicResources{
+			AdsConfig: &corev3.ApiConfigSource{
+				ApiType:             api,
+				TransportApiVersion: corev3.ApiVersion_V3,
+				GrpcServices: []*corev3.GrpcService{{TargetSpecifier: &corev3.GrpcService_EnvoyGrpc_{
+					EnvoyGrpc: &corev3.GrpcService_EnvoyGrpc{ClusterName: ClusterXDS},
+				}}},
+				SetNodeOnFirstMessageOnly: true,
+			},
+			CdsConfig: ADSSource(),
+		},
 		StaticResources: &bootstrapv3.Bootstrap_StaticResources{
-			Listeners: []*listenerv3.Listener{Listener(o.ListenerAddress, o.ListenerPort, RouteConfiguration(o.CanaryBuckets),
+			Listeners: []*listenerv3.Listener{Listener(o.ListenerAddress, o.ListenerPort,
 				FilterOptions{FailureModeAllow: o.FailureModeAllow, MessageTimeout: o.MessageTimeout, SkipExtProc: o.SkipExtProc})},
-			Clusters: append([]*clusterv3.Cluster{knhk}, ups...),
+			Clusters: []*clusterv3.Cluster{knhk, xdsCluster},
 		},
 	}
 	if err := b.ValidateAll(); err != nil {

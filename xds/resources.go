@@ -33,6 +33,7 @@ const (
 	ClusterStable = "knhk_stable"
 	ClusterCanary = "knhk_canary"
 	ClusterKnhk   = "knhk_grpc"
+	ClusterXDS    = "knhk_xds"
 	RouteName     = "knhk_routes"
 	ListenerName  = "knhk_ingress"
 
@@ -214,14 +215,24 @@ func HTTPFilters(o FilterOptions) []*hcmv3.HttpFilter {
 	}
 }
 
-// Listener is the client-facing HTTP listener with knhk's filters and an
-// inline route table.
-func Listener(address string, port uint32, rc *routev3.RouteConfiguration, f FilterOptions) *listenerv3.Listener {
+// ADSSource is a config source meaning "over the ADS stream".
+func ADSSource() *corev3.ConfigSource {
+	return &corev3.ConfigSource{
+		ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}},
+		ResourceApiVersion:    corev3.ApiVersion_V3,
+	}
+}
+
+// Listener is the client-facing HTTP listener with knhk's filters; its route
+// table (RouteName) comes from knhk over ADS.
+func Listener(address string, port uint32, f FilterOptions) *listenerv3.Listener {
 	hcm := &hcmv3.HttpConnectionManager{
-		StatPrefix:     "ingress",
-		CodecType:      hcmv3.HttpConnectionManager_AUTO,
-		RouteSpecifier: &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: rc},
-		HttpFilters:    HTTPFilters(f),
+		StatPrefix: "ingress",
+		CodecType:  hcmv3.HttpConnectionManager_AUTO,
+		RouteSpecifier: &hcmv3.HttpConnectionManager_Rds{Rds: &hcmv3.Rds{
+			ConfigSource: ADSSource(), RouteConfigName: RouteName,
+		}},
+		HttpFilters: HTTPFilters(f),
 	}
 	return &listenerv3.Listener{
 		Name:    ListenerName,

@@ -43,8 +43,7 @@ func TestRouteTable(t *testing.T) {
 func TestBootstrap(t *testing.T) {
 	o := BootstrapOptions{
 		ListenerAddress: "127.0.0.1", ListenerPort: 10000, AdminPort: 9901, KnhkGRPC: "127.0.0.1:9002",
-		Upstreams:     Upstreams{Stable: []string{"127.0.0.1:8001"}, Canary: []string{"canary.internal:8002"}},
-		CanaryBuckets: 2000, FailureModeAllow: false, MessageTimeout: 200 * time.Millisecond,
+		KnhkXDS: "knhk.internal:18000", Delta: true, FailureModeAllow: false, MessageTimeout: 200 * time.Millisecond,
 	}
 	b, err := Bootstrap(o)
 	if err != nil {
@@ -55,7 +54,8 @@ func TestBootstrap(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := string(y)
-	for _, want := range []string{"failure_mode_allow: false", "request_body_mode: NONE", "type: STRICT_DNS", "xds.cluster_name", "prefix: x-knhk-", "http2_protocol_options"} {
+	for _, want := range []string{"failure_mode_allow: false", "request_body_mode: NONE", "type: STRICT_DNS", "xds.cluster_name",
+		"prefix: x-knhk-", "http2_protocol_options", "api_type: DELTA_GRPC", "route_config_name: knhk_routes", "cluster_name: knhk_xds"} {
 		if !strings.Contains(s, want) {
 			t.Errorf("bootstrap lacks %q", want)
 		}
@@ -69,5 +69,18 @@ func TestBootstrap(t *testing.T) {
 	o.KnhkGRPC = "nope"
 	if _, err := Bootstrap(o); err == nil {
 		t.Fatal("bad knhk address accepted")
+	}
+}
+
+func TestUpstreamClusters(t *testing.T) {
+	cs, err := UpstreamClusters(Upstreams{Stable: []string{"127.0.0.1:8001"}, Canary: []string{"canary.internal:8002"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cs[0].GetName() != ClusterStable || cs[0].GetType().String() != "STATIC" || cs[1].GetType().String() != "STRICT_DNS" {
+		t.Fatalf("%v %v", cs[0].GetType(), cs[1].GetType())
+	}
+	if _, err := UpstreamClusters(Upstreams{Stable: []string{"x"}}); err == nil || !strings.Contains(err.Error(), "upstreams.stable") {
+		t.Fatalf("bad endpoint: %v", err)
 	}
 }

@@ -12,7 +12,9 @@ const usage = `knhk — canary routing, admission and receipts beside Envoy
 
 usage:
   knhk serve [--config FILE] [--data-dir DIR] [--grpc-addr ADDR] [--admin-addr ADDR] [--log-level LEVEL]
-  knhk envoy-config [--config FILE] [--listener-port N] [--admin-port N] [--failure-mode-allow=BOOL]
+  knhk envoy-config [--config FILE] [--listener-port N] [--admin-port N] [--failure-mode-allow=BOOL] [--xds-api delta|sotw]
+  knhk start|promote|pause|resume|abort [--admin URL]
+  knhk status [--watch] [--json] [--admin URL]
   knhk version
 `
 
@@ -32,6 +34,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return serve(args[1:], stderr)
 	case "envoy-config":
 		return envoyConfig(args[1:], stdout, stderr)
+	case "start", "promote", "pause", "resume", "abort":
+		return rolloutAction(args[0], args[1:], stdout, stderr)
+	case "status":
+		return status(args[1:], stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "knhk", version)
 		return 0

@@ -24,6 +24,8 @@ type StackOptions struct {
 	Logs             io.Writer // Envoy and knhk output
 	// Upstreams, when set, are used instead of in-process ones.
 	StableAddr, CanaryAddr string
+	// Configure, when set, edits knhk's config before it is written.
+	Configure func(*config.Config)
 }
 
 // Stack is a running setup; URL is Envoy's listener.
@@ -37,13 +39,14 @@ type Stack struct {
 
 // KnhkConfig returns the knhk config of a stack on fresh free ports.
 func KnhkConfig(o StackOptions, stable, canary string) (config.Config, error) {
-	ports, err := FreePorts(4)
+	ports, err := FreePorts(5)
 	if err != nil {
 		return config.Config{}, err
 	}
 	cfg := config.Default()
 	cfg.Listen.GRPC = "127.0.0.1:" + strconv.Itoa(ports[0])
 	cfg.Listen.Admin = "127.0.0.1:" + strconv.Itoa(ports[1])
+	cfg.Listen.XDS = "127.0.0.1:" + strconv.Itoa(ports[4])
 	cfg.Envoy.ListenerPort = ports[2]
 	cfg.Envoy.AdminPort = ports[3]
 	cfg.Envoy.FailureModeAllow = o.FailureModeAllow
@@ -58,6 +61,9 @@ func KnhkConfig(o StackOptions, stable, canary string) (config.Config, error) {
 		cfg.Canary.StickyKeys = o.StickyKeys
 	}
 	cfg.DrainTimeout = config.Duration(5 * time.Second)
+	if o.Configure != nil {
+		o.Configure(&cfg)
+	}
 	return cfg, cfg.Validate()
 }
 

@@ -1,6 +1,6 @@
 // Package server wires knhk's listeners together: the gRPC listener
-// (ext_proc + health) and the admin HTTP listener, config reload, readiness
-// and the SIGTERM drain.
+// (ext_proc + health), the xDS listener, the admin HTTP listener, the
+// rollout loop, config reload, readiness and the SIGTERM drain.
 package server
 
 import (
@@ -18,7 +18,6 @@ import (
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -26,6 +25,7 @@ import (
 	"github.com/knhk/knhk/extproc"
 	"github.com/knhk/knhk/pkg/canary"
 	"github.com/knhk/knhk/pkg/config"
+	"github.com/knhk/knhk/pkg/promotion"
 	"github.com/knhk/knhk/xds"
 )
 
@@ -34,119 +34,202 @@ type Server struct {
 	log      *slog.Logger
 	reg      *prometheus.Registry
 	extproc  *extproc.Server
+	xds      *xds.Server
+	rollout  *promotion.Rollout
+	store    *promotion.BoltStore
+	webhooks *promotion.Webhooks
 	health   *health.Server
 	grpc     *grpc.Server
+	xdsGRPC  *grpc.Server
 	admin    *http.Server
 	grpcLis  net.Listener
+	xdsLis   net.Listener
 	adminLis net.Listener
 	ready    atomic.Bool
+	ctx      context.Context
+	cancel   context.CancelFunc
 
-	mu  sync.Mutex // guards cfg during reload
+	mu  sync.Mutex // guards cfg during reload and xDS state changes
 	cfg config.Config
 
-	weight  prometheus.Gauge
-	reloads *prometheus.CounterVec
+	m metrics
 }
 
-// NewRouter builds the routing decision from a validated config.
-func NewRouter(c *config.Config) (*canary.Router, error) {
+// NewRouter builds the routing decision from a validated config at weight.
+func NewRouter(c *config.Config, weight float64) (*canary.Router, error) {
 	srcs, err := c.StickySources()
 	if err != nil {
 		return nil, err
 	}
-	return canary.NewRouter(c.Canary.Salt, c.Canary.Weight, srcs)
+	return canary.NewRouter(c.Canary.Salt, weight, srcs)
 }
 
-// New validates cfg, creates the data directory and binds both listeners.
-// Nothing is served until Serve.
-func New(cfg config.Config, log *slog.Logger) (*Server, error) {
+// New validates cfg, opens the state store, binds every listener and
+// publishes the first xDS snapshot. Nothing is served until Serve.
+func New(cfg config.Config, log *slog.Logger) (_ *Server, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("data_dir %s: %w", cfg.DataDir, err)
 	}
-	router, err := NewRouter(&cfg)
+	s := &Server{log: log, cfg: cfg, reg: prometheus.NewRegistry()}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	defer func() {
+		if err != nil {
+			s.close()
+		}
+	}()
+	s.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	s.m = newMetrics(s.reg)
+
+	if s.store, err = promotion.OpenBoltStore(cfg.DataDir); err != nil {
+		return nil, fmt.Errorf("data_dir: %w", err)
+	}
+	if s.rollout, err = promotion.New(cfg.PromotionConfig(), s.store, cfg.Canary.Weight, nil); err != nil {
+		return nil, err
+	}
+	router, err := NewRouter(&cfg, s.rollout.Weight())
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{log: log, cfg: cfg, reg: prometheus.NewRegistry()}
-	s.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	s.weight = prometheus.NewGauge(prometheus.GaugeOpts{
-		Name: "knhk_canary_weight_percent", Help: "Share of sticky keys routed to the canary, in percent.",
-	})
-	s.reloads = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "knhk_config_reloads_total", Help: "Config reloads (SIGHUP) by result.",
-	}, []string{"result"})
-	s.reg.MustRegister(s.weight, s.reloads)
-	s.weight.Set(cfg.Canary.Weight)
-
+	fs, err := cfg.FlagSet()
+	if err != nil {
+		return nil, err
+	}
 	s.extproc = extproc.NewServer(router, extproc.Clusters{Stable: xds.ClusterStable, Canary: xds.ClusterCanary},
-		extproc.NewMetrics(s.reg), log)
+		extproc.NewMetrics(s.reg), log, s.rollout)
+	s.extproc.SetFlags(fs)
+	s.xds = xds.NewServer(s.ctx, log, s.reg)
+	s.webhooks = promotion.NewWebhooks(webhookTargets(&cfg), log)
+	s.webhooks.OnResult = func(_ string, ok bool) {
+		s.m.webhooks.WithLabelValues(map[bool]string{true: "ok", false: "failed"}[ok]).Inc()
+	}
+	s.webhooks.OnDrop = func() { s.m.webhooks.WithLabelValues("dropped").Inc() }
+
+	// One weight, owned by the rollout, drives the hash split and Envoy's
+	// weighted clusters; this listener is the only place both change.
+	var first error
+	s.rollout.OnWeight(func(w float64) {
+		if err := s.applyWeight(w); err != nil && first == nil {
+			first = err
+		}
+	})
+	if first != nil {
+		return nil, first
+	}
+	s.rollout.OnDecision(s.onDecision)
+	s.m.setPhase(s.rollout.State().Phase)
+
 	s.health = health.NewServer()
 	s.grpc = grpc.NewServer(extproc.GRPCServerOptions()...)
 	extprocv3.RegisterExternalProcessorServer(s.grpc, s.extproc)
 	healthpb.RegisterHealthServer(s.grpc, s.health)
+	s.xdsGRPC = grpc.NewServer()
+	s.xds.Register(s.xdsGRPC)
+	healthpb.RegisterHealthServer(s.xdsGRPC, s.health)
 
-	s.grpcLis, err = net.Listen("tcp", cfg.Listen.GRPC)
-	if err != nil {
+	if s.grpcLis, err = net.Listen("tcp", cfg.Listen.GRPC); err != nil {
 		return nil, fmt.Errorf("listen.grpc %s: %w", cfg.Listen.GRPC, err)
 	}
-	s.adminLis, err = net.Listen("tcp", cfg.Listen.Admin)
-	if err != nil {
-		_ = s.grpcLis.Close()
+	if s.xdsLis, err = net.Listen("tcp", cfg.Listen.XDS); err != nil {
+		return nil, fmt.Errorf("listen.xds %s: %w", cfg.Listen.XDS, err)
+	}
+	if s.adminLis, err = net.Listen("tcp", cfg.Listen.Admin); err != nil {
 		return nil, fmt.Errorf("listen.admin %s: %w", cfg.Listen.Admin, err)
 	}
 	s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 5 * time.Second}
 	return s, nil
 }
 
-// GRPCAddr and AdminAddr are the bound addresses (useful with port 0).
+func webhookTargets(c *config.Config) []promotion.WebhookTarget {
+	out := make([]promotion.WebhookTarget, 0, len(c.Rollout.Webhooks))
+	for _, w := range c.Rollout.Webhooks {
+		out = append(out, promotion.WebhookTarget{URL: w.URL, Timeout: w.Timeout.D()})
+	}
+	return out
+}
+
+// applyWeight moves the split and publishes the matching xDS snapshot.
+func (s *Server) applyWeight(w float64) error {
+	buckets, err := canary.WeightToBuckets(w)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.extproc.Router().Splitter().SetWeight(w); err != nil {
+		return err
+	}
+	s.m.weight.Set(w)
+	_, err = s.xds.Update(xds.State{
+		Upstreams:     xds.Upstreams{Stable: s.cfg.Upstreams.Stable, Canary: s.cfg.Upstreams.Canary},
+		CanaryBuckets: buckets,
+	})
+	if err != nil {
+		s.log.Error("xds update failed", "error", err.Error())
+	}
+	return err
+}
+
+// onDecision logs, counts and forwards every rollout decision.
+func (s *Server) onDecision(d promotion.Decision) {
+	s.m.decisions.WithLabelValues(d.Decision, d.Reason).Inc()
+	s.m.setPhase(d.Phase)
+	attrs := []any{"decision", d.Decision, "reason", d.Reason, "detail", d.Detail, "weight", d.Weight, "phase", d.Phase}
+	if d.Judgment != nil {
+		attrs = append(attrs, "values", d.Judgment.Values)
+	}
+	switch d.Decision {
+	case "rollback", "error":
+		s.log.Warn("rollout decision", attrs...)
+	case "hold":
+		s.log.Debug("rollout decision", attrs...)
+	default:
+		s.log.Info("rollout decision", attrs...)
+	}
+	s.webhooks.Enqueue(d)
+}
+
+// Addresses bound (useful with port 0).
 func (s *Server) GRPCAddr() string  { return s.grpcLis.Addr().String() }
+func (s *Server) XDSAddr() string   { return s.xdsLis.Addr().String() }
 func (s *Server) AdminAddr() string { return s.adminLis.Addr().String() }
 
 // ExtProc returns the ext_proc service (for in-process benchmarks).
 func (s *Server) ExtProc() *extproc.Server { return s.extproc }
 
-func (s *Server) adminMux() *http.ServeMux {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
-		_, _ = w.Write([]byte("ok\n"))
-	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !s.ready.Load() {
-			http.Error(w, "not ready", http.StatusServiceUnavailable)
-			return
-		}
-		_, _ = w.Write([]byte("ready\n"))
-	})
-	mux.Handle("GET /metrics", promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{Registry: s.reg}))
-	mux.HandleFunc("GET /v1/canary", s.handleCanary)
-	return mux
-}
+// Rollout returns the rollout state machine.
+func (s *Server) Rollout() *promotion.Rollout { return s.rollout }
 
 // Serve runs until ctx is cancelled, then drains: it stops accepting, lets
 // open streams finish for up to drain_timeout, and returns nil.
 func (s *Server) Serve(ctx context.Context) error {
-	errc := make(chan error, 2)
+	errc := make(chan error, 3)
 	go func() { errc <- s.grpc.Serve(s.grpcLis) }()
+	go func() { errc <- s.xdsGRPC.Serve(s.xdsLis) }()
 	go func() {
 		if err := s.admin.Serve(s.adminLis); !errors.Is(err, http.ErrServerClosed) {
 			errc <- err
 		}
 	}()
+	go s.rollout.Run(s.ctx.Done())
+	go s.webhooks.Run(s.ctx)
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	s.health.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 	s.ready.Store(true)
-	s.log.Info("knhk serving", "grpc", s.GRPCAddr(), "admin", s.AdminAddr(),
-		"canary_weight", s.cfg.Canary.Weight, "data_dir", s.cfg.DataDir)
+	st := s.rollout.State()
+	s.log.Info("knhk serving", "grpc", s.GRPCAddr(), "xds", s.XDSAddr(), "admin", s.AdminAddr(),
+		"rollout_phase", st.Phase, "canary_weight", st.Weight, "data_dir", s.cfg.DataDir)
 
 	select {
 	case <-ctx.Done():
 	case err := <-errc:
 		s.ready.Store(false)
 		s.grpc.Stop()
+		s.xdsGRPC.Stop()
 		_ = s.admin.Close()
+		s.close()
 		return fmt.Errorf("listener failed: %w", err)
 	}
 	return s.drain()
@@ -168,37 +251,70 @@ func (s *Server) drain() error {
 		s.grpc.Stop()
 		<-done
 	}
+	// xDS streams never end on their own; Envoy keeps its last config.
+	s.xdsGRPC.Stop()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	_ = s.admin.Shutdown(ctx)
+	s.close()
 	s.log.Info("stopped")
 	return nil
 }
 
-// Reload applies a new config. Routing keys (weight, salt, sticky keys) and
-// the drain timeout take effect at once; listener or upstream changes need a
-// restart and are reported, not silently ignored.
+func (s *Server) close() {
+	s.cancel()
+	for _, l := range []net.Listener{s.grpcLis, s.xdsLis, s.adminLis} {
+		if l != nil {
+			_ = l.Close()
+		}
+	}
+	if s.store != nil {
+		_ = s.store.Close()
+	}
+}
+
+// Reload applies a new config. Routing keys, upstreams, flags and the idle
+// weight take effect at once; listener, data_dir and rollout-analysis
+// changes need a restart and are reported, not silently ignored.
 func (s *Server) Reload(next config.Config) error {
-	if err := next.Validate(); err != nil {
-		s.reloads.WithLabelValues("error").Inc()
+	err := s.reload(next)
+	if err != nil {
+		s.m.reloads.WithLabelValues("error").Inc()
 		return err
 	}
-	router, err := NewRouter(&next)
+	s.m.reloads.WithLabelValues("ok").Inc()
+	return nil
+}
+
+func (s *Server) reload(next config.Config) error {
+	if err := next.Validate(); err != nil {
+		return err
+	}
+	router, err := NewRouter(&next, s.rollout.Weight())
 	if err != nil {
-		s.reloads.WithLabelValues("error").Inc()
+		return err
+	}
+	fs, err := next.FlagSet()
+	if err != nil {
 		return err
 	}
 	s.mu.Lock()
 	prev := s.cfg
 	s.cfg.Canary = next.Canary
+	s.cfg.Upstreams = next.Upstreams
 	s.cfg.DrainTimeout = next.DrainTimeout
-	s.mu.Unlock()
+	s.cfg.Flags, s.cfg.Environment = next.Flags, next.Environment
 	s.extproc.SetRouter(router)
-	s.weight.Set(next.Canary.Weight)
-	s.reloads.WithLabelValues("ok").Inc()
-	s.log.Info("config reloaded", "canary_weight", next.Canary.Weight, "previous_weight", prev.Canary.Weight)
-	if next.Listen != prev.Listen || fmt.Sprint(next.Upstreams) != fmt.Sprint(prev.Upstreams) || next.DataDir != prev.DataDir {
-		s.log.Warn("config reload: listen, upstreams and data_dir changes take effect only after a restart")
+	s.extproc.SetFlags(fs)
+	s.mu.Unlock()
+	// Re-apply the current weight to the new router and publish upstreams.
+	s.rollout.SetIdleWeight(next.Canary.Weight)
+	if err := s.applyWeight(s.rollout.Weight()); err != nil {
+		return err
+	}
+	s.log.Info("config reloaded", "idle_weight", next.Canary.Weight, "weight", s.rollout.Weight())
+	if next.Listen != prev.Listen || next.DataDir != prev.DataDir || fmt.Sprint(next.Rollout) != fmt.Sprint(prev.Rollout) {
+		s.log.Warn("config reload: listen, data_dir and rollout changes take effect only after a restart")
 	}
 	return nil
 }

@@ -17,7 +17,7 @@ import (
 
 func testConfig(t *testing.T) config.Config {
 	c := config.Default()
-	c.Listen.GRPC, c.Listen.Admin = "127.0.0.1:0", "127.0.0.1:0"
+	c.Listen.GRPC, c.Listen.Admin, c.Listen.XDS = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
 	c.DataDir = filepath.Join(t.TempDir(), "data")
 	return c
 }
@@ -62,7 +62,7 @@ func TestServeReadyReloadDrain(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	_ = resp.Body.Close()
-	for _, m := range []string{"knhk_canary_weight_percent 55", `knhk_config_reloads_total{result="error"} 1`, "knhk_canary_decisions_total"} {
+	for _, m := range []string{"knhk_rollout_weight 55", `knhk_config_reloads_total{result="error"} 1`, "knhk_canary_decisions_total"} {
 		if !strings.Contains(string(body), m) {
 			t.Errorf("/metrics lacks %q", m)
 		}

@@ -17,13 +17,14 @@ func NewRouter(salt string, weight float64, sources []Source) (*Router, error) {
 	return &Router{sources: append([]Source(nil), sources...), split: s}, nil
 }
 
-// Route returns the version for a request, or None when it carries no key.
-func Route[H Headers](r *Router, h H) Version {
+// Route returns the version for a request, or None when it carries no key,
+// and the sticky key it used.
+func Route[H Headers](r *Router, h H) (Version, string) {
 	key, ok := StickyKey(r.sources, h)
 	if !ok {
-		return None
+		return None, ""
 	}
-	return r.split.Decide(key)
+	return r.split.Decide(key), key
 }
 
 // Splitter returns the router's splitter (to read or change the weight).

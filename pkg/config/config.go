@@ -27,11 +27,51 @@ type Config struct {
 	Envoy        Envoy     `yaml:"envoy"`
 	DrainTimeout Duration  `yaml:"drain_timeout"`
 	Log          Log       `yaml:"log"`
+	Rollout      Rollout   `yaml:"rollout"`
+	// Environment this knhk runs in: canary, staging or production (flags).
+	Environment string          `yaml:"environment"`
+	Flags       map[string]Flag `yaml:"flags"`
+}
+
+// Rollout configures promotion and rollback.
+type Rollout struct {
+	Steps             []float64 `yaml:"steps"`
+	Interval          Duration  `yaml:"interval"`
+	Window            Duration  `yaml:"window"` // 0: same as interval
+	MinRequests       uint64    `yaml:"min_requests"`
+	MaxErrorRateDelta float64   `yaml:"max_error_rate_delta"`
+	MaxErrorRate      float64   `yaml:"max_error_rate"`
+	Confidence        float64   `yaml:"confidence"`
+	MaxP99Ratio       float64   `yaml:"max_p99_ratio"`
+	MaxP99Ms          float64   `yaml:"max_p99_ms"` // 0: off
+	MinLatencySamples uint64    `yaml:"min_latency_samples"`
+	FailureThreshold  int       `yaml:"failure_threshold"`
+	ConfirmAfter      Duration  `yaml:"confirm_after"`
+	HardErrorRate     float64   `yaml:"hard_error_rate"`
+	HardMinRequests   uint64    `yaml:"hard_min_requests"`
+	HardWindow        Duration  `yaml:"hard_window"`
+	Webhooks          []Webhook `yaml:"webhooks"`
+}
+
+// Webhook receives every rollout decision as a JSON POST.
+type Webhook struct {
+	URL     string   `yaml:"url"`
+	Timeout Duration `yaml:"timeout"`
+}
+
+// Flag is one feature flag.
+type Flag struct {
+	Default      bool            `yaml:"default"`
+	Environments map[string]bool `yaml:"environments"`
+	Versions     map[string]bool `yaml:"versions"`
+	Percent      *float64        `yaml:"percent"`
+	Salt         string          `yaml:"salt"`
 }
 
 // Listen holds knhk's own listeners. Loopback by default.
 type Listen struct {
 	GRPC  string `yaml:"grpc"`  // ext_proc + health
+	XDS   string `yaml:"xds"`   // ADS for Envoy (SotW and delta)
 	Admin string `yaml:"admin"` // /healthz, /readyz, /metrics, /v1/...
 }
 
@@ -58,6 +98,10 @@ type Envoy struct {
 	// KnhkAddress is where Envoy reaches knhk's gRPC listener, when that is
 	// not listen.grpc as seen from Envoy (another host or container).
 	KnhkAddress string `yaml:"knhk_address"`
+	// XDSAddress is the same for listen.xds.
+	XDSAddress string `yaml:"xds_address"`
+	// XDSAPI is the ADS flavour in the bootstrap: delta or sotw.
+	XDSAPI string `yaml:"xds_api"`
 }
 
 // Log configures slog.
@@ -68,7 +112,7 @@ type Log struct {
 // Default returns the embedded defaults: everything on loopback.
 func Default() Config {
 	return Config{
-		Listen:    Listen{GRPC: "127.0.0.1:9002", Admin: "127.0.0.1:9090"},
+		Listen:    Listen{GRPC: "127.0.0.1:9002", XDS: "127.0.0.1:18000", Admin: "127.0.0.1:9090"},
 		DataDir:   "./data",
 		Upstreams: Upstreams{Stable: []string{"127.0.0.1:8001"}, Canary: []string{"127.0.0.1:8002"}},
 		Canary: Canary{
@@ -82,7 +126,24 @@ func Default() Config {
 			AdminPort:        9901,
 			FailureModeAllow: true,
 			MessageTimeout:   Duration(200 * time.Millisecond),
+			XDSAPI:           "delta",
 		},
+		Rollout: Rollout{
+			Steps:             []float64{1, 5, 10, 25, 50, 100},
+			Interval:          Duration(5 * time.Second),
+			MinRequests:       50,
+			MaxErrorRateDelta: 0.01,
+			MaxErrorRate:      0.1,
+			Confidence:        0.99,
+			MaxP99Ratio:       1.5,
+			MinLatencySamples: 50,
+			FailureThreshold:  2,
+			ConfirmAfter:      Duration(time.Second),
+			HardErrorRate:     0.5,
+			HardMinRequests:   20,
+			HardWindow:        Duration(5 * time.Second),
+		},
+		Environment: "production",
 		DrainTimeout: Duration(10 * time.Second),
 		Log:          Log{Level: "info"},
 	}
@@ -193,8 +254,15 @@ func (c *Config) validate(file string) error {
 	if err := checkAddr(c.Listen.Admin); err != nil {
 		return fail("listen.admin", "%v", err)
 	}
-	if c.Listen.GRPC == c.Listen.Admin && !strings.HasSuffix(c.Listen.GRPC, ":0") {
-		return fail("listen.admin", "same address as listen.grpc (%s)", c.Listen.GRPC)
+	if err := checkAddr(c.Listen.XDS); err != nil {
+		return fail("listen.xds", "%v", err)
+	}
+	seen := map[string]string{}
+	for _, l := range []struct{ key, addr string }{{"listen.grpc", c.Listen.GRPC}, {"listen.xds", c.Listen.XDS}, {"listen.admin", c.Listen.Admin}} {
+		if other, dup := seen[l.addr]; dup && !strings.HasSuffix(l.addr, ":0") {
+			return fail(l.key, "same address as %s (%s)", other, l.addr)
+		}
+		seen[l.addr] = l.key
 	}
 	if c.DataDir == "" {
 		return fail("data_dir", "must not be empty")
@@ -240,6 +308,20 @@ func (c *Config) validate(file string) error {
 		if err := checkAddr(c.Envoy.KnhkAddress); err != nil {
 			return fail("envoy.knhk_address", "%v", err)
 		}
+	}
+	if c.Envoy.XDSAddress != "" {
+		if err := checkAddr(c.Envoy.XDSAddress); err != nil {
+			return fail("envoy.xds_address", "%v", err)
+		}
+	}
+	if c.Envoy.XDSAPI != "delta" && c.Envoy.XDSAPI != "sotw" {
+		return fail("envoy.xds_api", "%q: want delta or sotw", c.Envoy.XDSAPI)
+	}
+	if err := c.Rollout.validate(fail); err != nil {
+		return err
+	}
+	if _, err := c.FlagSet(); err != nil {
+		return fail("flags", "%v", err)
 	}
 	if c.DrainTimeout < 0 {
 		return fail("drain_timeout", "must not be negative, got %s", c.DrainTimeout.D())
@@ -297,9 +379,22 @@ func (c *Config) GRPCAddressForEnvoy() string {
 	if c.Envoy.KnhkAddress != "" {
 		return c.Envoy.KnhkAddress
 	}
-	host, port, _ := net.SplitHostPort(c.Listen.GRPC)
+	return loopbackIfUnspecified(c.Listen.GRPC)
+}
+
+// loopbackIfUnspecified turns a listen-everywhere address into one to dial.
+func loopbackIfUnspecified(addr string) string {
+	host, port, _ := net.SplitHostPort(addr)
 	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
 		host = "127.0.0.1"
 	}
 	return net.JoinHostPort(host, port)
+}
+
+// XDSAddressForEnvoy is where Envoy should dial knhk's xDS listener.
+func (c *Config) XDSAddressForEnvoy() string {
+	if c.Envoy.XDSAddress != "" {
+		return c.Envoy.XDSAddress
+	}
+	return loopbackIfUnspecified(c.Listen.XDS)
 }

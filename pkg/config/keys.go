@@ -47,9 +47,25 @@ func checkKeys(n *yaml.Node, t reflect.Type, prefix string, lines map[int]string
 				return err
 			}
 		}
+		if ft.Kind() == reflect.Map && v.Kind == yaml.MappingNode {
+			for j := 0; j+1 < len(v.Content); j += 2 {
+				ek, ev := v.Content[j], v.Content[j+1]
+				lines[ek.Line] = path + "." + ek.Value
+				if ft.Elem().Kind() == reflect.Struct {
+					if err := checkKeys(ev, ft.Elem(), path+"."+ek.Value, lines); err != nil {
+						return err
+					}
+				}
+			}
+		}
 		if ft.Kind() == reflect.Slice && v.Kind == yaml.SequenceNode {
 			for j, item := range v.Content {
 				lines[item.Line] = fmt.Sprintf("%s[%d]", path, j)
+				if ft.Elem().Kind() == reflect.Struct {
+					if err := checkKeys(item, ft.Elem(), fmt.Sprintf("%s[%d]", path, j), lines); err != nil {
+						return err
+					}
+				}
 			}
 		}
 	}
