@@ -123,7 +123,6 @@ func argAfter(args []string, flag string) string {
 	return ""
 }
 
-
 // socketPorts collects every port_value in a bootstrap.
 func socketPorts(t *testing.T, b []byte) []int {
 	var doc any

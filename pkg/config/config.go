@@ -143,7 +143,7 @@ func Default() Config {
 			HardMinRequests:   20,
 			HardWindow:        Duration(5 * time.Second),
 		},
-		Environment: "production",
+		Environment:  "production",
 		DrainTimeout: Duration(10 * time.Second),
 		Log:          Log{Level: "info"},
 	}
