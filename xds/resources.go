@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"strings"
 	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
@@ -79,7 +80,7 @@ func endpointCluster(name string, addrs []string, http2 bool) (*clusterv3.Cluste
 		if err != nil {
 			return nil, fmt.Errorf("%q: bad port", a)
 		}
-		if net.ParseIP(host) == nil {
+		if !looksLikeIP(host) {
 			dns = true
 		}
 		lbEndpoints = append(lbEndpoints, &endpointv3.LbEndpoint{
@@ -115,6 +116,16 @@ func endpointCluster(name string, addrs []string, http2 bool) (*clusterv3.Cluste
 		}
 	}
 	return c, nil
+}
+
+// looksLikeIP decides STATIC versus STRICT_DNS. A dotted numeral such as
+// 10.0.0.300 is meant as an IP even when it is not a valid one: Envoy
+// rejects it (a NACK knhk reports) rather than knhk resolving it as a name.
+func looksLikeIP(host string) bool {
+	if net.ParseIP(host) != nil || strings.Contains(host, ":") {
+		return true
+	}
+	return strings.Trim(host, "0123456789.") == ""
 }
 
 func socketAddress(host string, port uint32) *corev3.Address {

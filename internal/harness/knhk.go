@@ -19,6 +19,8 @@ import (
 type Knhk struct {
 	Config     config.Config
 	ConfigPath string
+	bin        string
+	logs       io.Writer
 	cmd        *exec.Cmd
 	done       chan error
 }
@@ -38,14 +40,34 @@ func StartKnhk(bin, dir string, cfg config.Config, logs io.Writer) (*Knhk, error
 	if err := WriteConfig(path, cfg); err != nil {
 		return nil, err
 	}
-	k := &Knhk{Config: cfg, ConfigPath: path, done: make(chan error, 1)}
-	k.cmd = exec.Command(bin, "serve", "--config", path)
-	k.cmd.Stdout, k.cmd.Stderr = logs, logs
+	k := &Knhk{Config: cfg, ConfigPath: path, bin: bin, logs: logs}
+	return k, k.start()
+}
+
+func (k *Knhk) start() error {
+	k.done = make(chan error, 1)
+	k.cmd = exec.Command(k.bin, "serve", "--config", k.ConfigPath)
+	k.cmd.Stdout, k.cmd.Stderr = k.logs, k.logs
 	if err := k.cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start knhk: %w", err)
+		return fmt.Errorf("start knhk: %w", err)
 	}
-	go func() { k.done <- k.cmd.Wait() }()
-	return k, nil
+	cmd, done := k.cmd, k.done
+	go func() { done <- cmd.Wait() }()
+	return nil
+}
+
+// Restart stops knhk (SIGTERM, or SIGKILL when hard) and starts it again on
+// the same config and data directory, waiting until it is ready.
+func (k *Knhk) Restart(hard bool) error {
+	if hard {
+		k.Kill()
+	} else if err := k.Stop(10 * time.Second); err != nil {
+		return err
+	}
+	if err := k.start(); err != nil {
+		return err
+	}
+	return k.WaitReady(20 * time.Second)
 }
 
 // AdminURL returns the admin base URL.

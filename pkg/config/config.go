@@ -45,6 +45,7 @@ type Rollout struct {
 	MaxP99Ratio       float64   `yaml:"max_p99_ratio"`
 	MaxP99Ms          float64   `yaml:"max_p99_ms"` // 0: off
 	MinLatencySamples uint64    `yaml:"min_latency_samples"`
+	MinP99DeltaMs     float64   `yaml:"min_p99_delta_ms"`
 	FailureThreshold  int       `yaml:"failure_threshold"`
 	ConfirmAfter      Duration  `yaml:"confirm_after"`
 	HardErrorRate     float64   `yaml:"hard_error_rate"`
@@ -136,7 +137,8 @@ func Default() Config {
 			MaxErrorRate:      0.1,
 			Confidence:        0.99,
 			MaxP99Ratio:       1.5,
-			MinLatencySamples: 50,
+			MinLatencySamples: 100,
+			MinP99DeltaMs:     5,
 			FailureThreshold:  2,
 			ConfirmAfter:      Duration(time.Second),
 			HardErrorRate:     0.5,

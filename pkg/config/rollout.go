@@ -66,6 +66,9 @@ func (r *Rollout) validate(fail failFunc) error {
 	if r.MaxP99Ms < 0 || math.IsNaN(r.MaxP99Ms) {
 		return fail("rollout.max_p99_ms", "%v: must not be negative", r.MaxP99Ms)
 	}
+	if r.MinP99DeltaMs < 0 || math.IsNaN(r.MinP99DeltaMs) {
+		return fail("rollout.min_p99_delta_ms", "%v: must not be negative", r.MinP99DeltaMs)
+	}
 	if r.FailureThreshold < 1 {
 		return fail("rollout.failure_threshold", "%d: at least 1", r.FailureThreshold)
 	}
@@ -96,6 +99,7 @@ func (c *Config) PromotionConfig() promotion.Config {
 			Confidence: r.Confidence, MaxP99Ratio: r.MaxP99Ratio,
 			MaxP99:            time.Duration(r.MaxP99Ms * float64(time.Millisecond)),
 			MinLatencySamples: r.MinLatencySamples,
+			MinP99Delta:       time.Duration(r.MinP99DeltaMs * float64(time.Millisecond)),
 		},
 		HardErrorRate: r.HardErrorRate, HardMinRequests: r.HardMinRequests, HardWindow: r.HardWindow.D(),
 		MaxDecisions: 100,
