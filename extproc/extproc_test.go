@@ -7,7 +7,9 @@ import (
 	"log/slog"
 	"net"
 	"strconv"
+	"sync"
 	"testing"
+	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
@@ -256,6 +258,82 @@ func BenchmarkRequestHeaders(b *testing.B) {
 		st := stream{router: s.Router()}
 		if _, err := s.handle(&st, reqs[i&255]); err != nil {
 			b.Fatal(err)
+		}
+	}
+}
+
+type recorder struct {
+	mu  sync.Mutex
+	got []obs
+}
+
+func (r *recorder) snapshot() []obs {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]obs(nil), r.got...)
+}
+
+type obs struct {
+	v      canary.Version
+	failed bool
+}
+
+func (r *recorder) Observe(v canary.Version, failed bool, _ time.Duration) {
+	r.mu.Lock()
+	r.got = append(r.got, obs{v, failed})
+	r.mu.Unlock()
+}
+
+func TestObservations(t *testing.T) {
+	s, _ := newServer(t, 50)
+	rec := &recorder{}
+	s.observer = rec
+	c := dial(t, s)
+	canaryUser := userOn(t, s, canary.Canary)
+
+	run := func(status string, respond bool) {
+		stream, err := c.Process(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = stream.Send(reqHeaders("x-user-id", canaryUser))
+		if _, err := stream.Recv(); err != nil {
+			t.Fatal(err)
+		}
+		if respond {
+			r := respHeaders("knhk_canary")
+			r.GetResponseHeaders().Headers = headers(":status", status)
+			_ = stream.Send(r)
+			if _, err := stream.Recv(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		_ = stream.CloseSend()
+		_, _ = stream.Recv()
+	}
+	run("200", true)
+	run("503", true)
+	run("", false) // reset: no response headers
+	deadline := time.Now().Add(5 * time.Second)
+	for len(rec.snapshot()) < 3 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond) // poll: the stream's deferred observation runs after EOF
+	}
+	want := []obs{{canary.Canary, false}, {canary.Canary, true}, {canary.Canary, true}}
+	got := rec.snapshot()
+	if len(got) != 3 {
+		t.Fatalf("observations %v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("observations %v, want %v", got, want)
+		}
+	}
+}
+
+func TestStatusCode(t *testing.T) {
+	for in, want := range map[string]int{"200": 200, "503": 503, "": 0, "20x": 0, "2000": 0} {
+		if got := statusCode(headers(":status", in).GetHeaders()); got != want {
+			t.Errorf("%q → %d, want %d", in, got, want)
 		}
 	}
 }

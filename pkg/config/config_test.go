@@ -116,3 +116,40 @@ func TestGRPCAddressForEnvoy(t *testing.T) {
 		t.Fatal(got)
 	}
 }
+
+func TestRolloutAndFlagErrors(t *testing.T) {
+	cases := []struct{ yaml, want string }{
+		{"rollout:\n  steps: [1, 5, 5, 100]\n", "rollout.steps[2]: 5 after 5: steps must be strictly increasing"},
+		{"rollout:\n  steps: [10, 50]\n", "rollout.steps: the last step is 50; it must be 100"},
+		{"rollout:\n  steps: [0, 100]\n", "rollout.steps[0]: 0: steps are weights in percent"},
+		{"rollout:\n  steps: [50, 120]\n", "rollout.steps[1]"},
+		{"rollout:\n  interval: -5s\n", "rollout.interval: must be positive"},
+		{"rollout:\n  hard_window: -1s\n", "rollout.hard_window: must be positive"},
+		{"rollout:\n  confidence: 1.5\n", "rollout.confidence"},
+		{"rollout:\n  max_error_rate: 5\n", "rollout.max_error_rate: 5: a fraction from 0 to 1"},
+		{"rollout:\n  failure_threshold: 0\n", "rollout.failure_threshold"},
+		{"rollout:\n  webhooks: [{url: \"ftp://x\"}]\n", "rollout.webhooks[0].url"},
+		{"rollout:\n  webhooks: [{urll: \"http://x\"}]\n", "rollout.webhooks[0].urll: unknown key"},
+		{"rollout:\n  intervall: 5s\n", "rollout.intervall: unknown key"},
+		{"environment: qa\n", "flags: environment \"qa\""},
+		{"flags:\n  x:\n    environments: {prod: true}\n", "environments.prod: unknown environment"},
+		{"flags:\n  x:\n    percent: 101\n", "flag \"x\": percent"},
+		{"flags:\n  x:\n    defualt: true\n", "flags.x.defualt: unknown key"},
+		{"envoy:\n  xds_api: rest\n", "envoy.xds_api"},
+		{"listen:\n  xds: \"127.0.0.1:9002\"\n", "listen.xds: same address as listen.grpc"},
+	}
+	for _, c := range cases {
+		_, err := Parse("r.yaml", []byte(c.yaml))
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%q:\n got  %v\n want %s", c.yaml, err, c.want)
+		}
+	}
+}
+
+func TestPromotionConfigDefaults(t *testing.T) {
+	c := Default()
+	p := c.PromotionConfig()
+	if p.Window != 5*time.Second || p.Thresholds.Confidence != 0.99 || p.FailureThreshold != 2 || p.Steps[len(p.Steps)-1] != 100 {
+		t.Fatalf("%+v", p)
+	}
+}
