@@ -56,9 +56,9 @@ fmt-check:
 lint: $(GOLANGCI_STAMP)
 	$(GOLANGCI) run ./...
 
-## demo: Envoy + knhk + two demo upstreams on loopback, live split (DEMO_SECONDS=N to stop)
+## demo: Envoy + knhk + two demo upstreams; a full rollout (FAULT=errors|latency shows a rollback); DEMO_SECONDS=N stops it
 demo: tools build
-	$(BIN)/knhk-demo
+	FAULT=$(FAULT) $(BIN)/knhk-demo
 
 ## bench: Go benchmarks, then load through real Envoy (Envoy alone / no-op ext_proc / knhk)
 bench: tools build

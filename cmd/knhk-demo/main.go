@@ -6,7 +6,7 @@ package main
 
 import (
 	"context"
-	"errors"
+	"encoding/json"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -115,61 +115,137 @@ func run() error {
 	}
 
 	url := fmt.Sprintf("http://127.0.0.1:%d/", cfg.Envoy.ListenerPort)
-	fmt.Printf("Envoy on %s → knhk (ext_proc %s, admin %s) → stable %s / canary %s\n",
-		url, cfg.Listen.GRPC, knhkAdmin, cfg.Upstreams.Stable[0], cfg.Upstreams.Canary[0])
-	fmt.Printf("canary weight %.2f%%, salt %q; 300 users; try: curl -i -H 'x-user-id: alice' %s\n\n", cfg.Canary.Weight, cfg.Canary.Salt, url)
-	return traffic(ctx, url, 300)
+	fault := os.Getenv("FAULT")
+	if fault != "" && fault != "errors" && fault != "latency" {
+		return fmt.Errorf("FAULT=%q: want errors or latency", fault)
+	}
+	fmt.Printf("Envoy on %s → knhk (ext_proc %s, xDS %s, admin %s) → stable %s / canary %s\n",
+		url, cfg.Listen.GRPC, cfg.Listen.XDS, knhkAdmin, cfg.Upstreams.Stable[0], cfg.Upstreams.Canary[0])
+	fmt.Printf("rollout steps %v every %s; watch it with: bin/knhk status --watch\n\n", cfg.Rollout.Steps, cfg.Rollout.Interval.D())
+	d := &demo{admin: knhkAdmin, canaryUpstream: "http://" + cfg.Upstreams.Canary[0], fault: fault}
+	if err := d.post("/v1/rollout/start"); err != nil {
+		return err
+	}
+	return d.traffic(ctx, url, 5000)
+}
+
+type demo struct {
+	admin, canaryUpstream, fault string
+	injected                     bool
+}
+
+var demoClient = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 16}}
+
+func (d *demo) post(path string) error {
+	base := d.admin
+	if strings.HasPrefix(path, "/fault") {
+		base = d.canaryUpstream
+	}
+	resp, err := demoClient.Post(base+path, "application/json", nil)
+	if err != nil {
+		return err
+	}
+	_ = resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("POST %s: %s", path, resp.Status)
+	}
+	return nil
+}
+
+type rolloutState struct {
+	Phase     string
+	Weight    float64
+	Decisions []struct {
+		Decision, Reason, Detail string
+	}
+}
+
+func (d *demo) rollout() (rolloutState, error) {
+	var st rolloutState
+	resp, err := demoClient.Get(d.admin + "/v1/rollout")
+	if err != nil {
+		return st, err
+	}
+	defer func() { _ = resp.Body.Close() }()
+	return st, json.NewDecoder(resp.Body).Decode(&st)
 }
 
 // traffic sends requests from n users (each sticky by x-user-id) and prints
-// the split once a second.
-func traffic(ctx context.Context, url string, users int) error {
-	var stable, canary, failed atomic.Int64
-	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 16}}
+// the split and the rollout once a second. With FAULT set, the canary is
+// broken once the rollout reaches 10 %.
+func (d *demo) traffic(ctx context.Context, url string, users int) error {
+	var stable, canary, failed, canaryFailed atomic.Int64
 	for w := range 8 {
 		go func() {
 			r := rand.New(rand.NewPCG(uint64(w), 7)) //nolint:gosec // picks demo users, not secrets
 			for ctx.Err() == nil {
 				req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 				req.Header.Set("x-user-id", "user-"+strconv.Itoa(r.IntN(users)))
-				resp, err := client.Do(req)
+				resp, err := demoClient.Do(req)
 				if err != nil {
-					if !errors.Is(ctx.Err(), context.Canceled) && ctx.Err() == nil {
+					if ctx.Err() == nil {
 						failed.Add(1)
 					}
 					continue
 				}
 				_, _ = io.Copy(io.Discard, resp.Body)
 				_ = resp.Body.Close()
+				isCanary := resp.Header.Get("x-knhk-version") == "canary"
 				switch {
 				case resp.StatusCode != http.StatusOK:
 					failed.Add(1)
-				case resp.Header.Get("x-knhk-version") == "canary":
+					if isCanary {
+						canaryFailed.Add(1)
+					}
+				case isCanary:
 					canary.Add(1)
 				default:
 					stable.Add(1)
 				}
-				time.Sleep(5 * time.Millisecond) // a gentle ~1,500 req/s, leaving CPU for Envoy
+				time.Sleep(5 * time.Millisecond) // a gentle load, leaving CPU for Envoy
 			}
 		}()
 	}
-	fmt.Printf("%8s %10s %10s %8s %14s\n", "time", "stable", "canary", "failed", "canary share")
+	fmt.Printf("%6s %-12s %7s %9s %9s %8s %10s  %s\n", "time", "phase", "weight", "stable/s", "canary/s", "failed/s", "canary %", "last decision")
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	t0 := time.Now()
+	var ps, pc, pf int64
 	for {
 		select {
 		case <-ctx.Done():
-			fmt.Println(strings.Repeat("-", 54))
+			fmt.Println(strings.Repeat("-", 100))
 			fmt.Println("demo finished")
 			return nil
 		case <-tick.C:
 			s, c, f := stable.Load(), canary.Load(), failed.Load()
+			ds, dc, df := s-ps, c-pc, f-pf
+			ps, pc, pf = s, c, f
 			share := 0.0
-			if s+c > 0 {
-				share = float64(c) / float64(s+c) * 100
+			if ds+dc > 0 {
+				share = float64(dc) / float64(ds+dc) * 100
 			}
-			fmt.Printf("%7.0fs %10d %10d %8d %13.2f%%\n", time.Since(t0).Seconds(), s, c, f, share)
+			st, err := d.rollout()
+			if err != nil {
+				fmt.Println("knhk:", err)
+				continue
+			}
+			last := ""
+			if n := len(st.Decisions); n > 0 {
+				last = st.Decisions[n-1].Decision + ": " + st.Decisions[n-1].Detail
+			}
+			fmt.Printf("%5.0fs %-12s %6.1f%% %9d %9d %8d %9.1f%%  %s\n", time.Since(t0).Seconds(), st.Phase, st.Weight, ds, dc, df, share, last)
+			if d.fault != "" && !d.injected && st.Weight >= 10 && st.Phase == "Progressing" {
+				q := "/fault?error_rate=0.3"
+				if d.fault == "latency" {
+					q = "/fault?latency=100ms"
+				}
+				if err := d.post(q); err != nil {
+					return err
+				}
+				d.injected = true
+				fmt.Printf("       >>> FAULT=%s injected into the canary (%s)\n", d.fault, q)
+			}
 		}
 	}
 }
