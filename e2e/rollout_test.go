@@ -147,26 +147,6 @@ func TestHealthyRolloutPromotesAndShareFollowsWeight(t *testing.T) {
 	}
 }
 
-// canaryGone returns when the canary upstream first went a full second
-// without a request, polling its counter every 50 ms.
-func canaryGone(t *testing.T, u *harness.Upstream, timeout time.Duration) time.Time {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	last, lastChange := u.Count(), time.Now()
-	for time.Now().Before(deadline) {
-		time.Sleep(50 * time.Millisecond) // sampling period of the counter, not synchronisation
-		if c := u.Count(); c != last {
-			last, lastChange = c, time.Now()
-			continue
-		}
-		if time.Since(lastChange) >= time.Second {
-			return lastChange
-		}
-	}
-	t.Fatalf("canary still receiving traffic after %s", timeout)
-	return time.Time{}
-}
-
 func TestErrorFaultRollsBack(t *testing.T) {
 	s := startStack(t, harness.StackOptions{Weight: 0, Configure: fastRollout([]float64{20, 50, 100}, 2*time.Second)})
 	load := harness.StartLoad(s.URL, 800, "fault")
@@ -186,7 +166,10 @@ func TestErrorFaultRollsBack(t *testing.T) {
 	if err := s.Canary.SetFault(0.3, 0); err != nil {
 		t.Fatal(err)
 	}
-	gone := canaryGone(t, s.Canary, 30*time.Second)
+	gone, err := s.Canary.LastRequestBeforeQuiet(time.Second, 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
 	reaction := gone.Sub(onset)
 	v := waitPhase(t, s, "RolledBack", 5*time.Second)
 	last := v.Decisions[len(v.Decisions)-1]

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -51,6 +52,8 @@ type Server struct {
 	versionG   prometheus.Gauge
 	ackWaiters []chan struct{}
 	acked      uint64
+	recent     [1024]time.Duration // last propagation times, a ring
+	recentN    uint64
 }
 
 // NACK describes a config Envoy rejected.
@@ -151,7 +154,10 @@ func (s *Server) onRequest(typeURL, version, nonce, errMsg string, isNACK bool) 
 		return
 	}
 	if t, ok := s.sentAt[version]; ok {
-		s.propagate.Observe(time.Since(t).Seconds())
+		d := time.Since(t)
+		s.propagate.Observe(d.Seconds())
+		s.recent[s.recentN%uint64(len(s.recent))] = d
+		s.recentN++
 		delete(s.sentAt, version)
 	}
 	if v > s.acked {
@@ -248,3 +254,32 @@ func (g goControlPlaneLogger) Debugf(f string, a ...any) { g.l.Debug(fmt.Sprintf
 func (g goControlPlaneLogger) Infof(f string, a ...any)  { g.l.Debug(fmt.Sprintf(f, a...)) }
 func (g goControlPlaneLogger) Warnf(f string, a ...any)  { g.l.Warn(fmt.Sprintf(f, a...)) }
 func (g goControlPlaneLogger) Errorf(f string, a ...any) { g.l.Error(fmt.Sprintf(f, a...)) }
+
+// Status is the xDS view for GET /v1/xds.
+type Status struct {
+	Version        uint64  `json:"version"`
+	AckedVersion   uint64  `json:"acked_route_version"`
+	NACK           *NACK   `json:"nack,omitempty"`
+	Propagations   int     `json:"propagation_samples"`
+	PropagationP50 float64 `json:"propagation_p50_ms"`
+	PropagationP99 float64 `json:"propagation_p99_ms"`
+}
+
+// Status reports versions, any NACK and propagation percentiles over the
+// last 1,024 changes (state change → Envoy's ACK of the route table).
+func (s *Server) Status() Status {
+	n := s.LastNACK()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	cnt := int(min(s.recentN, uint64(len(s.recent))))
+	d := append([]time.Duration(nil), s.recent[:cnt]...)
+	slices.Sort(d)
+	q := func(p float64) float64 {
+		if cnt == 0 {
+			return 0
+		}
+		return float64(d[min(cnt-1, int(p*float64(cnt)))]) / float64(time.Millisecond)
+	}
+	return Status{Version: s.version, AckedVersion: s.acked, NACK: n, Propagations: cnt,
+		PropagationP50: q(0.5), PropagationP99: q(0.99)}
+}

@@ -40,8 +40,10 @@ func main() {
 	rounds := flag.Int("rounds", 3, "interleaved rounds per setup (the median is reported)")
 	maxRates := flag.String("max-rates", "1000,2000,3000,4000,5000,6000,8000", "rates tried when searching the highest sustained rate")
 	step := flag.Duration("step", 4*time.Second, "length of each step of the sustained-rate search")
+	only := flag.String("only", "", "run one part: latency, rollback, false-rollbacks or xds (default: all)")
+	runs := flag.Int("runs", 20, "runs for the rollback and false-rollback benchmarks")
 	flag.Parse()
-	if err := run(*rate, *dur, *rounds, parseRates(*maxRates), *step); err != nil {
+	if err := runAll(*only, *runs, func() error { return run(*rate, *dur, *rounds, parseRates(*maxRates), *step) }); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
@@ -58,6 +60,45 @@ func parseRates(s string) []int {
 		out = append(out, n)
 	}
 	return out
+}
+
+// runAll runs the latency comparison and the rollout benchmarks.
+func runAll(only string, runs int, latency func() error) error {
+	root, err := harness.RepoRoot()
+	if err != nil {
+		return err
+	}
+	bin := filepath.Join(root, "bin")
+	work, err := os.MkdirTemp("", "knhk-bench-rollout")
+	if err != nil {
+		return err
+	}
+	defer func() { _ = os.RemoveAll(work) }()
+	logs := &harness.LogBuffer{}
+	parts := []struct {
+		name string
+		f    func() error
+	}{
+		{"latency", latency},
+		{"rollback", func() error { return rollbackReaction(bin, work, logs, runs) }},
+		{"false-rollbacks", func() error { return falseRollbacks(bin, work, logs, runs) }},
+		{"xds", func() error { return xdsPropagation(bin, work, logs, 100) }},
+	}
+	ran := false
+	for _, p := range parts {
+		if only != "" && only != p.name {
+			continue
+		}
+		ran = true
+		if err := p.f(); err != nil {
+			fmt.Fprintln(os.Stderr, logs.String())
+			return fmt.Errorf("%s: %w", p.name, err)
+		}
+	}
+	if !ran {
+		return fmt.Errorf("--only %q: want latency, rollback, false-rollbacks or xds", only)
+	}
+	return nil
 }
 
 // noopServer runs the no-op ext_proc server in its own process, as knhk

@@ -2,6 +2,7 @@ package harness
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"net/http"
 	"time"
@@ -37,4 +38,23 @@ func (u *Upstream) Close() {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	_ = u.srv.Shutdown(ctx)
+}
+
+// LastRequestBeforeQuiet polls the upstream's counter every 10 ms and
+// returns the time of the last request before it stayed silent for quiet,
+// or an error after timeout. It measures "traffic stopped at the upstream".
+func (u *Upstream) LastRequestBeforeQuiet(quiet, timeout time.Duration) (time.Time, error) {
+	deadline := time.Now().Add(timeout)
+	last, lastChange := u.Count(), time.Now()
+	for time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond) // sampling period of the counter
+		if c := u.Count(); c != last {
+			last, lastChange = c, time.Now()
+			continue
+		}
+		if time.Since(lastChange) >= quiet {
+			return lastChange, nil
+		}
+	}
+	return time.Time{}, fmt.Errorf("%s still receiving traffic after %s", u.Name, timeout)
 }

@@ -119,5 +119,6 @@ func (s *Server) serveFault(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	_, _ = fmt.Fprintf(w, "%s: error_rate %v, latency %v\n", s.Name, rate, latency)
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	_, _ = fmt.Fprintf(w, "%s: error_rate %v, latency %v\n", s.Name, rate, latency) //nolint:gosec // plain text, numbers and the operator's own name
 }

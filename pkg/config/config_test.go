@@ -134,7 +134,7 @@ func TestRolloutAndFlagErrors(t *testing.T) {
 		{"environment: qa\n", "flags: environment \"qa\""},
 		{"flags:\n  x:\n    environments: {prod: true}\n", "environments.prod: unknown environment"},
 		{"flags:\n  x:\n    percent: 101\n", "flag \"x\": percent"},
-		{"flags:\n  x:\n    defualt: true\n", "flags.x.defualt: unknown key"},
+		{"flags:\n  x:\n    dflt: true\n", "flags.x.dflt: unknown key"},
 		{"envoy:\n  xds_api: rest\n", "envoy.xds_api"},
 		{"listen:\n  xds: \"127.0.0.1:9002\"\n", "listen.xds: same address as listen.grpc"},
 	}

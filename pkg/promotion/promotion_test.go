@@ -132,8 +132,9 @@ func newRollout(t *testing.T, store Store) (*Rollout, *clock, *[]float64) {
 	return r, c, &weights
 }
 
-// traffic feeds n requests per version spread over the last second.
-func traffic(r *Rollout, c *clock, canaryN, stableN int, canaryErr float64, canaryLat time.Duration) {
+// traffic feeds canaryN canary requests and 800 healthy stable ones.
+func traffic(r *Rollout, canaryN int, canaryErr float64, canaryLat time.Duration) {
+	const stableN = 800
 	for i := range canaryN {
 		r.Observe(canary.Canary, float64(i%100) < canaryErr*100, canaryLat)
 	}
@@ -155,7 +156,7 @@ func TestHealthyRolloutPromotes(t *testing.T) {
 			t.Fatal("never promoted")
 		}
 		c.t = c.t.Add(5 * time.Second)
-		traffic(r, c, 200, 800, 0, 10*time.Millisecond)
+		traffic(r, 200, 0, 10*time.Millisecond)
 		r.Check(false)
 	}
 	if st := r.State(); st.Phase != Promoted || st.Weight != 100 {
@@ -176,7 +177,7 @@ func TestFailingCanaryRollsBackAfterConfirm(t *testing.T) {
 	r, c, _ := newRollout(t, &MemStore{})
 	_ = r.Start()
 	c.t = c.t.Add(5 * time.Second)
-	traffic(r, c, 200, 800, 0.3, 10*time.Millisecond) // 30 %: below the hard breach
+	traffic(r, 200, 0.3, 10*time.Millisecond) // 30 %: below the hard breach
 	r.Check(false)
 	if st := r.State(); st.Phase != Progressing || st.Failures != 1 {
 		t.Fatalf("after one failed check: %+v", st)
@@ -185,7 +186,7 @@ func TestFailingCanaryRollsBackAfterConfirm(t *testing.T) {
 		t.Fatalf("failed check re-checked in %v, want ConfirmAfter (1s)", due)
 	}
 	c.t = c.t.Add(time.Second)
-	traffic(r, c, 200, 800, 0.3, 10*time.Millisecond)
+	traffic(r, 200, 0.3, 10*time.Millisecond)
 	r.Check(false)
 	st := r.State()
 	if st.Phase != RolledBack || st.Weight != 0 {
@@ -202,7 +203,7 @@ func TestLowTrafficHoldsForever(t *testing.T) {
 	_ = r.Start()
 	for range 50 {
 		c.t = c.t.Add(5 * time.Second)
-		traffic(r, c, 10, 800, 0.5, 10*time.Millisecond) // 2 req/s, even failing ones
+		traffic(r, 10, 0.5, 10*time.Millisecond) // 2 req/s, even failing ones
 		r.Check(false)
 	}
 	st := r.State()
@@ -273,7 +274,7 @@ func TestResumeAtSameWeightAfterRestart(t *testing.T) {
 	_ = r.Start()
 	for range 3 {
 		c.t = c.t.Add(5 * time.Second)
-		traffic(r, c, 200, 800, 0, 10*time.Millisecond)
+		traffic(r, 200, 0, 10*time.Millisecond)
 		r.Check(false)
 	}
 	before := r.State()

@@ -40,8 +40,10 @@ type Config struct {
 	// not interval × threshold.
 	ConfirmAfter time.Duration
 	Thresholds   Thresholds
-	// Hard breach: roll back at once when the canary's error rate over the
-	// last HardWindow reaches HardErrorRate with at least HardMinRequests.
+	// Hard breach: roll back at once when, of the canary's last
+	// HardMinRequests requests (all within HardWindow), at least
+	// HardErrorRate failed. Counting the latest requests rather than a time
+	// window means healthy traffic from before a fault does not dilute it.
 	HardErrorRate   float64
 	HardMinRequests uint64
 	HardWindow      time.Duration
@@ -90,6 +92,17 @@ type Rollout struct {
 	listeners []func(weight float64)
 	notify    []func(Decision)
 	breach    chan struct{}
+
+	recentMu sync.Mutex
+	recent   []outcome // ring of the canary's last HardMinRequests outcomes
+	recentAt int
+	recentN  int
+	recentEr int
+}
+
+type outcome struct {
+	at     time.Time
+	failed bool
 }
 
 // New loads persisted state (or starts Idle at idleWeight).
@@ -98,7 +111,8 @@ func New(cfg Config, store Store, idleWeight float64, now func() time.Time) (*Ro
 		now = time.Now
 	}
 	span := max(cfg.Window, cfg.HardWindow)
-	r := &Rollout{cfg: cfg, store: store, window: NewWindow(span), now: now, idle: idleWeight, breach: make(chan struct{}, 1)}
+	r := &Rollout{cfg: cfg, store: store, window: NewWindow(span), now: now, idle: idleWeight, breach: make(chan struct{}, 1),
+		recent: make([]outcome, cfg.HardMinRequests)}
 	st, ok, err := store.Load()
 	if err != nil {
 		return nil, fmt.Errorf("rollout state: %w", err)
@@ -160,16 +174,51 @@ func (r *Rollout) Breaches() <-chan struct{} { return r.breach }
 func (r *Rollout) Observe(v canary.Version, failed bool, latency time.Duration) {
 	now := r.now()
 	r.window.Observe(now, v, failed, latency)
-	if v != canary.Canary || !failed || r.cfg.HardMinRequests == 0 {
+	if v != canary.Canary || len(r.recent) == 0 {
 		return
 	}
-	s := r.window.Stats(now, canary.Canary, r.cfg.HardWindow)
-	if s.Requests >= r.cfg.HardMinRequests && s.ErrorRate() >= r.cfg.HardErrorRate {
-		select {
-		case r.breach <- struct{}{}:
-		default:
+	r.recentMu.Lock()
+	old := r.recent[r.recentAt]
+	if r.recentN == len(r.recent) && old.failed {
+		r.recentEr--
+	}
+	r.recent[r.recentAt] = outcome{now, failed}
+	r.recentAt = (r.recentAt + 1) % len(r.recent)
+	r.recentN = min(r.recentN+1, len(r.recent))
+	if failed {
+		r.recentEr++
+	}
+	r.recentMu.Unlock()
+	if failed {
+		if _, _, breached := r.hardBreached(now); breached {
+			select {
+			case r.breach <- struct{}{}:
+			default:
+			}
 		}
 	}
+}
+
+// hardBreached evaluates the ring of the canary's latest outcomes.
+func (r *Rollout) hardBreached(now time.Time) (errs, n int, breached bool) {
+	r.recentMu.Lock()
+	defer r.recentMu.Unlock()
+	n, errs = r.recentN, r.recentEr
+	if n < len(r.recent) || n == 0 {
+		return errs, n, false
+	}
+	oldest := r.recent[r.recentAt] // the slot about to be overwritten is the oldest
+	if now.Sub(oldest.at) > r.cfg.HardWindow {
+		return errs, n, false
+	}
+	return errs, n, float64(errs) >= r.cfg.HardErrorRate*float64(n)
+}
+
+// resetRecent forgets the canary's outcomes (a new rollout starts clean).
+func (r *Rollout) resetRecent() {
+	r.recentMu.Lock()
+	r.recentAt, r.recentN, r.recentEr = 0, 0, 0
+	r.recentMu.Unlock()
 }
 
 // SetIdleWeight changes the weight used while Idle (config reload).
@@ -207,6 +256,7 @@ func (r *Rollout) Start() error {
 	return r.transition("start", []Phase{Idle, Promoted, RolledBack}, func() {
 		r.st.Phase, r.st.Step, r.st.Failures = Progressing, 0, 0
 		r.st.Weight = r.cfg.Steps[0]
+		r.resetRecent()
 		r.nextCheck = r.now().Add(r.cfg.Interval)
 	})
 }
@@ -288,21 +338,16 @@ func (r *Rollout) Check(force bool) {
 
 // HardBreach rolls back at once if the canary is still failing hard.
 func (r *Rollout) HardBreach() {
-	now := r.now()
-	s := r.window.Stats(now, canary.Canary, r.cfg.HardWindow)
+	errs, n, breached := r.hardBreached(r.now())
 	r.mu.Lock()
-	if r.st.Phase != Progressing && r.st.Phase != Paused {
-		r.mu.Unlock()
-		return
-	}
-	if s.Requests < r.cfg.HardMinRequests || s.ErrorRate() < r.cfg.HardErrorRate {
+	if !breached || (r.st.Phase != Progressing && r.st.Phase != Paused) {
 		r.mu.Unlock()
 		return
 	}
 	r.st.Phase, r.st.Weight, r.st.Failures = RolledBack, 0, 0
 	d := Decision{Decision: "rollback", Reason: "hard_breach",
-		Detail: fmt.Sprintf("hard breach: canary error rate %.1f%% (%d/%d) over the last %s ≥ %.0f%%",
-			s.ErrorRate()*100, s.Errors, s.Requests, r.cfg.HardWindow, r.cfg.HardErrorRate*100)}
+		Detail: fmt.Sprintf("hard breach: %d of the canary's last %d requests failed (≥ %.0f%%)",
+			errs, n, r.cfg.HardErrorRate*100)}
 	r.commit(&d)
 }
 
