@@ -307,3 +307,17 @@ func TestStoreFailureIsReported(t *testing.T) {
 		t.Fatalf("store failure not reported: %+v", got)
 	}
 }
+
+func TestSlowCanaryRollsBackForLatency(t *testing.T) {
+	r, c, _ := newRollout(t, &MemStore{})
+	_ = r.Start()
+	for range 2 {
+		c.t = c.t.Add(5 * time.Second)
+		traffic(r, 200, 0, 40*time.Millisecond) // stable answers in 10 ms
+		r.Check(true)
+	}
+	st := r.State()
+	if st.Phase != RolledBack || st.Decisions[len(st.Decisions)-1].Reason != "latency_ratio" {
+		t.Fatalf("%+v", st.Decisions[len(st.Decisions)-1])
+	}
+}
