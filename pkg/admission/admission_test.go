@@ -270,11 +270,11 @@ func TestClassifier(t *testing.T) {
 
 func TestClassifierRejectsBadRules(t *testing.T) {
 	cases := map[string][]Rule{
-		"path_regex":                  {{Class: R1, PathRegex: "("}},
-		"must start with /":           {{Class: R1, PathPrefix: "api"}},
-		"matches everything":          {{Class: R1}},
+		"path_regex":         {{Class: R1, PathRegex: "("}},
+		"must start with /":  {{Class: R1, PathPrefix: "api"}},
+		"matches everything": {{Class: R1}},
 		"rules[1] can never match (it says R1, the earlier rule says C1)": {{Class: C1, PathPrefix: "/api"}, {Class: R1, PathPrefix: "/api/cart"}},
-		"rules[1] can never match: rules[0]":                                {{Class: R1, Methods: []string{"GET", "POST"}}, {Class: R1, Methods: []string{"GET"}, Authority: "a"}},
+		"rules[1] can never match: rules[0]":                              {{Class: R1, Methods: []string{"GET", "POST"}}, {Class: R1, Methods: []string{"GET"}, Authority: "a"}},
 	}
 	for want, rules := range cases {
 		if _, err := NewClassifier(rules, W1, false); err == nil || !strings.Contains(err.Error(), want) {

@@ -3,6 +3,7 @@ package capacity
 import (
 	"container/heap"
 	"math"
+	"math/bits"
 	"sort"
 )
 
@@ -19,42 +20,51 @@ type MRC struct {
 	byHash    hashHeap // max-heap of tracked hashes, to lower the threshold
 	tree      fenwick  // 1 at the last-access time of each tracked key
 	clock     int64    // sampled-access counter (tree index)
-	hist      []float64
-	refs      float64 // all references (sampled or not)
-	sampled   float64
-	cold      float64
+	// hist, sampled and cold are stored divided by scale, so lowering the
+	// rate rescales them all by changing one number.
+	hist    []float64
+	scale   float64
+	refs    float64 // all references (sampled or not)
+	sampled float64
+	cold    float64
 }
 
 const (
 	modulus = 1 << 24
-	// Histogram of scaled reuse distance: log-spaced bins, 1 % wide.
-	binGrowth = 1.01
-	numBins   = 2400 // up to ~2e10
+	// Histogram of scaled reuse distance: log-linear bins (HDR style), 64
+	// per power of two, so each is under 1.6 % wide; exact below 128.
+	subBits = 6
+	numBins = 64 << subBits
 )
 
-var logBinGrowth = math.Log(binGrowth)
-
-// NewMRC tracks at most maxKeys sampled keys, starting at sampling rate 1.
+// NewMRC tracks at most maxKeys sampled keys, starting at sampling rate 1:
+// a working set smaller than maxKeys is measured exactly; a larger one
+// lowers the rate until maxKeys keys remain.
 func NewMRC(maxKeys int) *MRC {
 	return &MRC{maxKeys: maxKeys, threshold: modulus, last: make(map[uint64]int64, maxKeys),
-		tree: newFenwick(4 * maxKeys), hist: make([]float64, numBins)}
+		tree: newFenwick(4 * maxKeys), hist: make([]float64, numBins), scale: 1}
 }
 
 func (m *MRC) rate() float64 { return float64(m.threshold) / modulus }
 
+// bin maps a scaled distance to its bin without a logarithm.
 func bin(d float64) int {
-	if d < 1 {
-		return 0
+	if d < 1<<(subBits+1) {
+		return int(d) // exact for small distances
 	}
-	return min(numBins-1, 1+int(math.Log(d)/logBinGrowth))
+	x := uint64(d)
+	e := bits.Len64(x) - (subBits + 1) // shift that leaves subBits+1 bits
+	return min(numBins-1, (e+1)<<subBits|int(x>>e)&(1<<subBits-1))
 }
 
-// binUpper is the largest scaled distance in bin i.
+// binUpper is one past the largest scaled distance in bin i.
 func binUpper(i int) float64 {
-	if i == 0 {
-		return 1
+	if i < 1<<(subBits+1) {
+		return float64(i + 1)
 	}
-	return math.Pow(binGrowth, float64(i))
+	e := i>>subBits - 1
+	m := uint64(i&(1<<subBits-1)) | 1<<subBits
+	return float64((m + 1) << e)
 }
 
 // Access records a reference to the key with hash h.
@@ -64,14 +74,15 @@ func (m *MRC) Access(h uint64) {
 	if h%modulus >= m.threshold {
 		return
 	}
-	m.sampled++
+	one := 1 / m.scale
+	m.sampled += one
 	if t, ok := m.last[h]; ok {
 		// Distinct sampled keys touched since this key's last access.
 		d := float64(m.tree.sum(m.clock) - m.tree.sum(t))
-		m.hist[bin(d/r)]++
+		m.hist[bin(d/r)] += one
 		m.tree.add(t, -1)
 	} else {
-		m.cold++
+		m.cold += one
 		heap.Push(&m.byHash, h)
 	}
 	m.clock++
@@ -103,12 +114,7 @@ func (m *MRC) lowerThreshold() {
 			delete(m.last, x)
 		}
 	}
-	f := m.rate() / old
-	for i := range m.hist {
-		m.hist[i] *= f
-	}
-	m.sampled *= f
-	m.cold *= f
+	m.scale *= m.rate() / old
 }
 
 // compact renumbers last-access times 1..n in order, so the Fenwick tree
@@ -140,12 +146,12 @@ func (m *MRC) HitRate(size float64) float64 {
 	// hold refs × R sampled references. SHARDS-adj: attribute the gap
 	// between that and what was sampled to the smallest distances.
 	total := m.refs * m.rate()
-	hits := total - m.sampled
+	hits := total - m.sampled*m.scale
 	for i := range m.hist {
 		if binUpper(i) > size {
 			break
 		}
-		hits += m.hist[i]
+		hits += m.hist[i] * m.scale
 	}
 	return math.Max(0, math.Min(1, hits/total))
 }
@@ -157,9 +163,9 @@ func (m *MRC) SizeFor(target float64) (float64, bool) {
 		return 0, false
 	}
 	total := m.refs * m.rate()
-	hits := total - m.sampled
+	hits := total - m.sampled*m.scale
 	for i := range m.hist {
-		hits += m.hist[i]
+		hits += m.hist[i] * m.scale
 		if hits/total >= target {
 			return math.Ceil(binUpper(i)), true
 		}

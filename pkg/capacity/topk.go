@@ -27,7 +27,7 @@ func NewTopK(k int) *TopK {
 func (t *TopK) Add(key string) {
 	if c, ok := t.index[key]; ok {
 		c.count++
-		heap.Fix(&t.h, c.pos)
+		t.h.down(c.pos) // counts only grow: sift towards the leaves
 		return
 	}
 	if len(t.h) < t.k {
@@ -42,7 +42,7 @@ func (t *TopK) Add(key string) {
 	m.key, m.err = key, m.count
 	m.count++
 	t.index[key] = m
-	heap.Fix(&t.h, 0)
+	t.h.down(0)
 }
 
 // Item is one heavy hitter.
@@ -68,6 +68,27 @@ func (t *TopK) Top(n int) []Item {
 }
 
 type counterHeap []*counter
+
+// down restores the heap below i without interface calls: the hot path.
+func (h counterHeap) down(i int) {
+	n := len(h)
+	for {
+		l := 2*i + 1
+		if l >= n {
+			return
+		}
+		j := l
+		if r := l + 1; r < n && h[r].count < h[l].count {
+			j = r
+		}
+		if h[j].count >= h[i].count {
+			return
+		}
+		h[i], h[j] = h[j], h[i]
+		h[i].pos, h[j].pos = i, j
+		i = j
+	}
+}
 
 func (h counterHeap) Len() int           { return len(h) }
 func (h counterHeap) Less(i, j int) bool { return h[i].count < h[j].count }
