@@ -147,6 +147,13 @@ func TestClientCannotPickVersion(t *testing.T) {
 	if stableUsers == 0 {
 		t.Fatal("no user hashed to stable; the test proves nothing")
 	}
+	r, err := get(s.URL+"/", map[string]string{"x-user-id": "forger", "x-knhk-slo-class": "R1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if saw := r.header.Get("x-upstream-saw-class"); saw != "W1" {
+		t.Fatalf("upstream saw x-knhk-slo-class %q, want knhk's W1 (the default), not the client's R1", saw)
+	}
 	for _, u := range []*harness.Upstream{s.Stable, s.Canary} {
 		if l := u.Leaked(); len(l) > 0 {
 			t.Fatalf("client x-knhk-* headers reached %s: %v", u.Name, l)

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/knhk/knhk/pkg/admission"
 	"github.com/knhk/knhk/pkg/canary"
 	"github.com/knhk/knhk/pkg/flags"
 )
@@ -57,13 +58,14 @@ type Observer interface {
 type Server struct {
 	extprocv3.UnimplementedExternalProcessorServer
 
-	router   atomic.Pointer[canary.Router]
-	flags    atomic.Pointer[flags.Set]
-	clusters Clusters
-	metrics  *Metrics
-	log      *slog.Logger
-	observer Observer
-	now      func() time.Time
+	router    atomic.Pointer[canary.Router]
+	flags     atomic.Pointer[flags.Set]
+	admission atomic.Pointer[Admission]
+	clusters  Clusters
+	metrics   *Metrics
+	log       *slog.Logger
+	observer  Observer
+	now       func() time.Time
 }
 
 // NewServer returns a server routing with r. metrics may be shared with
@@ -88,6 +90,11 @@ func (s *Server) Router() *canary.Router { return s.router.Load() }
 type stream struct {
 	router        *canary.Router
 	flags         *flags.Set
+	admission     *Admission
+	limiter       *admission.Limiter // set while the request holds a slot
+	class         admission.Class
+	classified    bool
+	latency       time.Duration // request headers → response headers; -1 unknown
 	version       canary.Version
 	start         time.Time
 	sawRequest    bool
@@ -99,7 +106,7 @@ type stream struct {
 func (s *Server) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
 	s.metrics.streamsActive.Inc()
 	defer s.metrics.streamsActive.Dec()
-	st := stream{router: s.router.Load(), flags: s.flags.Load()}
+	st := stream{router: s.router.Load(), flags: s.flags.Load(), admission: s.admission.Load(), latency: -1}
 	defer s.streamEnded(&st)
 	for {
 		req, err := srv.Recv()
@@ -137,7 +144,7 @@ func (s *Server) handle(st *stream, req *extprocv3.ProcessingRequest) (*extprocv
 			return nil, status.Error(codes.InvalidArgument, "request_headers sent twice on one stream")
 		}
 		st.sawRequest = true
-		resp = s.requestHeaders(st, r.RequestHeaders)
+		resp = s.requestHeaders(st, r.RequestHeaders, req)
 	case *extprocv3.ProcessingRequest_ResponseHeaders:
 		if st.sawResponse {
 			return nil, status.Error(codes.InvalidArgument, "response_headers sent twice on one stream")
@@ -160,6 +167,7 @@ func (s *Server) handle(st *stream, req *extprocv3.ProcessingRequest) (*extprocv
 // streamEnded counts a request that got no response headers (reset by the
 // client or upstream, or Envoy gave up) as a failure of its version.
 func (s *Server) streamEnded(st *stream) {
+	st.release(s)
 	if st.sawRequest && !st.sawResponse && s.observer != nil && st.version != canary.None {
 		s.observer.Observe(st.version, true, s.now().Sub(st.start))
 		s.metrics.resets.Inc()
@@ -167,12 +175,20 @@ func (s *Server) streamEnded(st *stream) {
 }
 
 // requestHeaders strips client x-knhk-* headers and sets the routing header.
-func (s *Server) requestHeaders(st *stream, h *extprocv3.HttpHeaders) *extprocv3.ProcessingResponse {
+func (s *Server) requestHeaders(st *stream, h *extprocv3.HttpHeaders, req *extprocv3.ProcessingRequest) *extprocv3.ProcessingResponse {
 	st.start = s.now()
 	hs := headerView(h.GetHeaders().GetHeaders())
 	var key string
 	st.version, key = canary.Route(st.router, hs)
 	s.metrics.decisions[st.version].Inc()
+
+	var trusted string
+	if a := st.admission; a != nil && a.TrustedHeader != "" {
+		trusted, _ = hs.Get(a.TrustedHeader)
+	}
+	if resp := s.admit(st, hs, req, trusted); resp != nil {
+		return resp
+	}
 
 	mut := &extprocv3.HeaderMutation{}
 	for _, hv := range hs {
@@ -180,7 +196,7 @@ func (s *Server) requestHeaders(st *stream, h *extprocv3.HttpHeaders) *extprocv3
 		if !strings.HasPrefix(k, HeaderPrefix) {
 			continue
 		}
-		if st.version != canary.None && k == HeaderVersion {
+		if (st.version != canary.None && k == HeaderVersion) || (st.classified && k == HeaderClass) {
 			continue // overwritten below; removing too would be ambiguous
 		}
 		if !contains(mut.RemoveHeaders, k) {
@@ -190,6 +206,9 @@ func (s *Server) requestHeaders(st *stream, h *extprocv3.HttpHeaders) *extprocv3
 	}
 	if st.version != canary.None {
 		mut.SetHeaders = append(mut.SetHeaders, setHeader(HeaderVersion, versionRaw[st.version]))
+	}
+	if st.classified {
+		mut.SetHeaders = append(mut.SetHeaders, setHeader(HeaderClass, classRaw[st.class]))
 	}
 	if st.flags != nil {
 		if f := st.flags.Header(st.version, key, key != ""); f != "" {
@@ -212,9 +231,12 @@ func (s *Server) responseHeaders(st *stream, req *extprocv3.ProcessingRequest) *
 	if v == canary.None {
 		v = st.version
 	}
-	if s.observer != nil && st.sawRequest {
-		code := statusCode(req.GetResponseHeaders().GetHeaders().GetHeaders())
-		s.observer.Observe(v, code >= 500 || code == 0, s.now().Sub(st.start))
+	if st.sawRequest {
+		st.latency = s.now().Sub(st.start)
+		if s.observer != nil {
+			code := statusCode(req.GetResponseHeaders().GetHeaders().GetHeaders())
+			s.observer.Observe(v, code >= 500 || code == 0, st.latency)
+		}
 	}
 	mut := &extprocv3.HeaderMutation{}
 	if v != canary.None {
@@ -240,8 +262,11 @@ func (s *Server) servedBy(req *extprocv3.ProcessingRequest) canary.Version {
 	return canary.None
 }
 
-// versionRaw holds the header values once; protos only read them.
-var versionRaw = [...][]byte{canary.None: nil, canary.Stable: []byte("stable"), canary.Canary: []byte("canary")}
+// versionRaw and classRaw hold header values once; protos only read them.
+var (
+	versionRaw = [...][]byte{canary.None: nil, canary.Stable: []byte("stable"), canary.Canary: []byte("canary")}
+	classRaw   = [...][]byte{admission.R1: []byte("R1"), admission.W1: []byte("W1"), admission.C1: []byte("C1")}
+)
 
 // statusCode parses :status without allocating; 0 when absent or malformed.
 func statusCode(hs []*corev3.HeaderValue) int {

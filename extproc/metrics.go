@@ -3,6 +3,7 @@ package extproc
 import (
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/knhk/knhk/pkg/admission"
 	"github.com/knhk/knhk/pkg/canary"
 )
 
@@ -13,6 +14,7 @@ type Metrics struct {
 	resets        prometheus.Counter
 	streamsActive prometheus.Gauge
 	streamErrors  *prometheus.CounterVec
+	admission     [3][3]prometheus.Counter // [class][verdict]
 }
 
 // NewMetrics registers the ext_proc metrics on reg.
@@ -42,6 +44,15 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	for _, v := range []canary.Version{canary.None, canary.Stable, canary.Canary} {
 		m.decisions[v] = dec.WithLabelValues(v.String())
 	}
-	reg.MustRegister(dec, m.stripped, m.resets, m.streamsActive, m.streamErrors)
+	adm := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "knhk_admission_decisions_total",
+		Help: "Admission decisions by SLO class and reason (admitted, no_room, over_budget).",
+	}, []string{"class", "decision"})
+	for _, c := range admission.Classes {
+		for _, v := range []admission.Verdict{admission.Admit, admission.RejectNoRoom, admission.RejectOverBudget} {
+			m.admission[c][v] = adm.WithLabelValues(c.String(), v.Reason())
+		}
+	}
+	reg.MustRegister(dec, adm, m.stripped, m.resets, m.streamsActive, m.streamErrors)
 	return m
 }

@@ -7,6 +7,7 @@ package xds
 import (
 	"fmt"
 	"net"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -42,6 +43,7 @@ const (
 	headerPrefix  = "x-knhk-"
 	// clusterAttribute is read back by extproc to learn the serving version.
 	clusterAttribute = "xds.cluster_name"
+	routeAttribute   = "xds.route_name"
 	bucketsTotal     = 10000
 )
 
@@ -138,7 +140,7 @@ func socketAddress(host string, port uint32) *corev3.Address {
 // RouteConfiguration is the route table: the routing header picks a version;
 // without it (no sticky key, or ext_proc failed open) weighted_clusters split
 // at the same weight the ext_proc hash uses. canaryBuckets is weight × 100.
-func RouteConfiguration(canaryBuckets uint32) *routev3.RouteConfiguration {
+func RouteConfiguration(canaryBuckets uint32, timeout time.Duration) *routev3.RouteConfiguration {
 	if canaryBuckets > bucketsTotal {
 		canaryBuckets = bucketsTotal
 	}
@@ -171,12 +173,18 @@ func RouteConfiguration(canaryBuckets uint32) *routev3.RouteConfiguration {
 			}},
 		}},
 	}
+	routes := []*routev3.Route{byHeader("canary", ClusterCanary), byHeader("stable", ClusterStable), weighted}
+	if timeout > 0 {
+		for _, r := range routes {
+			r.GetRoute().Timeout = durationpb.New(timeout)
+		}
+	}
 	return &routev3.RouteConfiguration{
 		Name: RouteName,
 		VirtualHosts: []*routev3.VirtualHost{{
 			Name:    "knhk",
 			Domains: []string{"*"},
-			Routes:  []*routev3.Route{byHeader("canary", ClusterCanary), byHeader("stable", ClusterStable), weighted},
+			Routes:  routes,
 		}},
 	}
 }
@@ -186,6 +194,12 @@ type FilterOptions struct {
 	FailureModeAllow bool
 	MessageTimeout   time.Duration
 	SkipExtProc      bool // baseline only: no header strip, no ext_proc
+	// TrustedHeader is the one client header allowed to pick an SLO class;
+	// when it is an x-knhk-* name the strip filter spares it.
+	TrustedHeader string
+	// RouteAttribute asks Envoy for the matched route's name (for
+	// classification rules on routes).
+	RouteAttribute bool
 }
 
 // HTTPFilters returns, in order: a header_mutation filter that drops client
@@ -195,7 +209,7 @@ func HTTPFilters(o FilterOptions) []*hcmv3.HttpFilter {
 	strip := &headermutationv3.HeaderMutation{Mutations: &headermutationv3.Mutations{
 		RequestMutations: []*mutationv3.HeaderMutation{{
 			Action: &mutationv3.HeaderMutation_RemoveOnMatch_{RemoveOnMatch: &mutationv3.HeaderMutation_RemoveOnMatch{
-				KeyMatcher: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Prefix{Prefix: headerPrefix}},
+				KeyMatcher: stripMatcher(o.TrustedHeader),
 			}},
 		}},
 	}}
@@ -214,6 +228,9 @@ func HTTPFilters(o FilterOptions) []*hcmv3.HttpFilter {
 		},
 		MessageTimeout:     durationpb.New(o.MessageTimeout),
 		ResponseAttributes: []string{clusterAttribute},
+	}
+	if o.RouteAttribute {
+		ext.RequestAttributes = []string{routeAttribute}
 	}
 	router := &hcmv3.HttpFilter{Name: "envoy.filters.http.router", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&routerv3.Router{})}}
 	if o.SkipExtProc {
@@ -265,4 +282,32 @@ func mustAny(m proto.Message) *anypb.Any {
 		panic(err)
 	}
 	return a
+}
+
+// stripMatcher matches every x-knhk-* header name except the trusted one.
+// RE2 has no negative lookahead, so "x-knhk- followed by anything but
+// NAME" is spelt out: shorter than NAME, diverging from it at some
+// character, or longer than it.
+func stripMatcher(trusted string) *matcherv3.StringMatcher {
+	rest, ok := strings.CutPrefix(trusted, headerPrefix)
+	if !ok || rest == "" {
+		return &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Prefix{Prefix: headerPrefix}}
+	}
+	return &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_SafeRegex{
+		SafeRegex: &matcherv3.RegexMatcher{Regex: regexp.QuoteMeta(headerPrefix) + notExactly(rest)},
+	}}
+}
+
+// notExactly is an RE2 pattern matching any string except s.
+func notExactly(s string) string {
+	alts := []string{""} // the empty remainder
+	for i := range len(s) {
+		p := regexp.QuoteMeta(s[:i])
+		if i > 0 {
+			alts = append(alts, p) // a proper prefix of s
+		}
+		alts = append(alts, p+"[^"+regexp.QuoteMeta(s[i:i+1])+"].*")
+	}
+	alts = append(alts, regexp.QuoteMeta(s)+".+")
+	return "(?:" + strings.Join(alts, "|") + ")"
 }

@@ -1,6 +1,7 @@
 package xds
 
 import (
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -18,7 +19,7 @@ func weights(rc *routev3.RouteConfiguration) map[string]uint32 {
 }
 
 func TestRouteTable(t *testing.T) {
-	rc := RouteConfiguration(2050) // 20.5 %
+	rc := RouteConfiguration(2050, 0) // 20.5 %
 	if err := rc.ValidateAll(); err != nil {
 		t.Fatal(err)
 	}
@@ -35,7 +36,7 @@ func TestRouteTable(t *testing.T) {
 	if w := weights(rc); w[ClusterStable] != 7950 || w[ClusterCanary] != 2050 {
 		t.Fatalf("weights %v", w)
 	}
-	if w := weights(RouteConfiguration(20000)); w[ClusterCanary] != 10000 || w[ClusterStable] != 0 {
+	if w := weights(RouteConfiguration(20000, 0)); w[ClusterCanary] != 10000 || w[ClusterStable] != 0 {
 		t.Fatalf("weight not clamped to 100%%: %v", w)
 	}
 }
@@ -82,5 +83,21 @@ func TestUpstreamClusters(t *testing.T) {
 	}
 	if _, err := UpstreamClusters(Upstreams{Stable: []string{"x"}}); err == nil || !strings.Contains(err.Error(), "upstreams.stable") {
 		t.Fatalf("bad endpoint: %v", err)
+	}
+}
+
+func TestStripMatcherSparesOnlyTheTrustedHeader(t *testing.T) {
+	m := stripMatcher("x-knhk-slo-class")
+	re := regexp.MustCompile("^(?:" + m.GetSafeRegex().GetRegex() + ")$") // Envoy matches the whole name
+	for name, strip := range map[string]bool{
+		"x-knhk-slo-class": false, "x-knhk-version": true, "x-knhk-slo-clas": true, "x-knhk-slo-classx": true,
+		"x-knhk-": true, "x-knhk-s": true, "x-knhk-flags": true, "x-user-id": false, "x-knhk-slo-cl4ss": true,
+	} {
+		if re.MatchString(name) != strip {
+			t.Errorf("%s: stripped %v, want %v", name, !strip, strip)
+		}
+	}
+	if p := stripMatcher("x-trusted").GetPrefix(); p != "x-knhk-" {
+		t.Fatalf("a trusted header outside x-knhk-* must not change the prefix rule: %v", p)
 	}
 }

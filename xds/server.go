@@ -23,7 +23,8 @@ import (
 // State is what the xDS resources are built from.
 type State struct {
 	Upstreams     Upstreams
-	CanaryBuckets uint32 // weight × 100
+	CanaryBuckets uint32        // weight × 100
+	RouteTimeout  time.Duration // 0: Envoy's default
 }
 
 // allNodes makes every Envoy share one snapshot: knhk serves one route
@@ -181,7 +182,7 @@ func (s *Server) Update(st State) (string, error) {
 	v := strconv.FormatUint(s.version, 10)
 	res := map[resource.Type][]types.Resource{
 		resource.ClusterType: {clusters[0], clusters[1]},
-		resource.RouteType:   {RouteConfiguration(st.CanaryBuckets)},
+		resource.RouteType:   {RouteConfiguration(st.CanaryBuckets, st.RouteTimeout)},
 	}
 	snap, err := cache.NewSnapshot(v, res)
 	if err != nil {

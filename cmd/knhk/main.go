@@ -15,6 +15,7 @@ usage:
   knhk envoy-config [--config FILE] [--listener-port N] [--admin-port N] [--failure-mode-allow=BOOL] [--xds-api delta|sotw]
   knhk start|promote|pause|resume|abort [--admin URL]
   knhk status [--watch] [--json] [--admin URL]
+  knhk capacity [--json] [--admin URL]
   knhk version
 `
 
@@ -38,6 +39,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return rolloutAction(args[0], args[1:], stdout, stderr)
 	case "status":
 		return status(args[1:], stdout, stderr)
+	case "capacity":
+		return capacityCmd(args[1:], stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "knhk", version)
 		return 0

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
 
 	funce "github.com/tetratelabs/func-e"
@@ -19,6 +20,8 @@ type Envoy struct {
 	AdminPort int
 	cancel    context.CancelFunc
 	done      chan error
+	stopOnce  sync.Once
+	stopErr   error
 }
 
 // StartEnvoy runs Envoy with the bootstrap file. workDir holds func-e's
@@ -62,16 +65,18 @@ func (e *Envoy) WaitReady(timeout time.Duration) error {
 // AdminURL returns the admin base URL.
 func (e *Envoy) AdminURL() string { return "http://127.0.0.1:" + strconv.Itoa(e.AdminPort) }
 
-// Stop ends Envoy and waits for it.
+// Stop ends Envoy and waits for it; calling it again returns the same result.
 func (e *Envoy) Stop() error {
-	e.cancel()
-	select {
-	case err := <-e.done:
-		if err != nil && !errors.Is(err, context.Canceled) {
-			return err
+	e.stopOnce.Do(func() {
+		e.cancel()
+		select {
+		case err := <-e.done:
+			if err != nil && !errors.Is(err, context.Canceled) {
+				e.stopErr = err
+			}
+		case <-time.After(10 * time.Second):
+			e.stopErr = fmt.Errorf("envoy did not stop within 10s")
 		}
-		return nil
-	case <-time.After(10 * time.Second):
-		return fmt.Errorf("envoy did not stop within 10s")
-	}
+	})
+	return e.stopErr
 }

@@ -25,6 +25,8 @@ func (s *Server) adminMux() *http.ServeMux {
 	mux.HandleFunc("GET /v1/rollout", s.handleRollout)
 	mux.HandleFunc("POST /v1/rollout/{action}", s.handleRolloutAction)
 	mux.HandleFunc("GET /v1/flags", s.handleFlags)
+	mux.HandleFunc("GET /v1/admission", s.handleAdmission)
+	mux.HandleFunc("GET /v1/capacity", s.handleCapacity)
 	mux.HandleFunc("GET /v1/xds", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, http.StatusOK, s.xds.Status()) })
 	return mux
 }

@@ -11,6 +11,8 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -23,7 +25,9 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/knhk/knhk/extproc"
+	"github.com/knhk/knhk/pkg/admission"
 	"github.com/knhk/knhk/pkg/canary"
+	"github.com/knhk/knhk/pkg/capacity"
 	"github.com/knhk/knhk/pkg/config"
 	"github.com/knhk/knhk/pkg/promotion"
 	"github.com/knhk/knhk/xds"
@@ -53,6 +57,28 @@ type Server struct {
 	cfg config.Config
 
 	m metrics
+
+	tracker  *capacity.Tracker
+	limiters [3]*admission.Limiter // by canary.Version; kept across reloads
+}
+
+// admissionSetup builds the per-request admission setup from cfg, reusing
+// the learned limiters and capacity sketches.
+func (s *Server) admissionSetup(cfg *config.Config) (*extproc.Admission, error) {
+	cl, err := cfg.Admission.Classifier()
+	if err != nil {
+		return nil, err
+	}
+	key := extproc.CapacityKey{Kind: cfg.Capacity.Key}
+	if h, ok := strings.CutPrefix(cfg.Capacity.Key, "header:"); ok {
+		key = extproc.CapacityKey{Kind: "header", Header: strings.ToLower(h)}
+	}
+	return &extproc.Admission{
+		Enabled: cfg.Admission.Enabled, Classifier: cl, Limiters: s.limiters,
+		TrustedHeader: cfg.Admission.TrustedHeader,
+		RetryAfter:    strconv.Itoa(int(cfg.Admission.C1RetryAfter.D().Seconds())),
+		Tracker:       s.tracker, Key: key,
+	}, nil
 }
 
 // NewRouter builds the routing decision from a validated config at weight.
@@ -100,6 +126,17 @@ func New(cfg config.Config, log *slog.Logger) (_ *Server, err error) {
 	s.extproc = extproc.NewServer(router, extproc.Clusters{Stable: xds.ClusterStable, Canary: xds.ClusterCanary},
 		extproc.NewMetrics(s.reg), log, s.rollout)
 	s.extproc.SetFlags(fs)
+	s.tracker = capacity.NewTracker(cfg.Capacity.CapacityConfig())
+	s.limiters = [3]*admission.Limiter{}
+	lc := cfg.Admission.LimiterConfig()
+	s.limiters[canary.Stable] = admission.NewLimiter(lc)
+	s.limiters[canary.Canary] = admission.NewLimiter(lc)
+	adm, err := s.admissionSetup(&cfg)
+	if err != nil {
+		return nil, err
+	}
+	s.extproc.SetAdmission(adm)
+	s.reg.MustRegister(&admissionCollector{s: s})
 	s.xds = xds.NewServer(s.ctx, log, s.reg)
 	s.webhooks = promotion.NewWebhooks(webhookTargets(&cfg), log)
 	s.webhooks.OnResult = func(_ string, ok bool) {
@@ -165,6 +202,7 @@ func (s *Server) applyWeight(w float64) error {
 	_, err = s.xds.Update(xds.State{
 		Upstreams:     xds.Upstreams{Stable: s.cfg.Upstreams.Stable, Canary: s.cfg.Upstreams.Canary},
 		CanaryBuckets: buckets,
+		RouteTimeout:  s.cfg.Envoy.RouteTimeout.D(),
 	})
 	if err != nil {
 		s.log.Error("xds update failed", "error", err.Error())
@@ -298,6 +336,10 @@ func (s *Server) reload(next config.Config) error {
 	if err != nil {
 		return err
 	}
+	adm, err := s.admissionSetup(&next)
+	if err != nil {
+		return err
+	}
 	s.mu.Lock()
 	prev := s.cfg
 	s.cfg.Canary = next.Canary
@@ -306,6 +348,8 @@ func (s *Server) reload(next config.Config) error {
 	s.cfg.Flags, s.cfg.Environment = next.Flags, next.Environment
 	s.extproc.SetRouter(router)
 	s.extproc.SetFlags(fs)
+	s.extproc.SetAdmission(adm)
+	s.cfg.Admission = next.Admission
 	s.mu.Unlock()
 	// Re-apply the current weight to the new router and publish upstreams.
 	s.rollout.SetIdleWeight(next.Canary.Weight)

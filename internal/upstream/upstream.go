@@ -26,6 +26,21 @@ type Server struct {
 	errRate float64
 	latency time.Duration
 	leaked  []string
+	workers chan struct{} // nil: unlimited; else a fixed-capacity server
+}
+
+// SetCapacity makes the upstream a server of fixed capacity: `workers`
+// requests at a time, each taking `service`; the rest wait in an unbounded
+// queue, as in a real server's accept backlog. workers 0 removes the limit.
+func (s *Server) SetCapacity(workers int, service time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.latency = service
+	if workers <= 0 {
+		s.workers = nil
+		return
+	}
+	s.workers = make(chan struct{}, workers)
 }
 
 // New returns a healthy upstream named name.
@@ -54,8 +69,8 @@ func (s *Server) Failed() int64 { return s.failed.Load() }
 // Reset zeroes the counters.
 func (s *Server) Reset() { s.served.Store(0); s.failed.Store(0) }
 
-// Leaked returns client x-knhk-* headers (other than the routing and flags
-// headers knhk sets) that reached this upstream.
+// Leaked returns client x-knhk-* headers (other than the routing, flags and
+// class headers knhk sets) that reached this upstream.
 func (s *Server) Leaked() []string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -71,21 +86,30 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.served.Add(1)
 	for k, vs := range r.Header {
 		lk := strings.ToLower(k)
-		if strings.HasPrefix(lk, "x-knhk-") && lk != "x-knhk-version" && lk != "x-knhk-flags" {
+		if strings.HasPrefix(lk, "x-knhk-") && lk != "x-knhk-version" && lk != "x-knhk-flags" && lk != "x-knhk-slo-class" {
 			s.mu.Lock()
 			s.leaked = append(s.leaked, lk+": "+strings.Join(vs, ","))
 			s.mu.Unlock()
 		}
 	}
 	s.mu.Lock()
-	errRate, latency := s.errRate, s.latency
+	errRate, latency, workers := s.errRate, s.latency, s.workers
 	s.mu.Unlock()
+	if workers != nil {
+		select {
+		case workers <- struct{}{}:
+		case <-r.Context().Done(): // the client (Envoy) gave up while queued
+			return
+		}
+		defer func() { <-workers }()
+	}
 	if latency > 0 {
 		time.Sleep(latency)
 	}
 	w.Header().Set("x-upstream", s.Name)
 	w.Header().Set("x-upstream-saw-version", r.Header.Get("x-knhk-version"))
 	w.Header().Set("x-upstream-saw-flags", r.Header.Get("x-knhk-flags"))
+	w.Header().Set("x-upstream-saw-class", strings.Join(r.Header.Values("x-knhk-slo-class"), ","))
 	// Evenly spaced failures: request n fails when ⌊n·rate⌋ steps up, so the
 	// error rate is exact over any stretch rather than sampled.
 	if errRate > 0 {

@@ -12,9 +12,10 @@ type LimiterConfig struct {
 	// Tolerance: the short-window latency may exceed the no-load baseline
 	// by this factor before the limit is cut (1.2 = 20 % queueing allowed).
 	Tolerance float64
-	// Shares are the guaranteed fractions of the limit per class; a class
-	// may use more only when it leaves the unused guarantees of more
-	// critical classes free. C1's share is 0: it runs on spare capacity.
+	// Shares are the fractions of the limit kept for each class against
+	// less critical ones; a class may use more when it leaves the unused
+	// shares of more critical classes free. C1's share is 0: it runs on
+	// spare capacity.
 	Shares [numClasses]float64
 	// Budgets: a request is refused at once when the latency estimate
 	// already exceeds its class budget.
@@ -90,20 +91,27 @@ func (l *Limiter) Acquire(c Class, now time.Time) Verdict {
 	return Admit
 }
 
-// reserve is the capacity class c must leave free for the other classes:
-// each one's unused guarantee, as far as its recent peak demand (with 50 %
-// headroom) would use it. A class within its own guarantee only needs a
-// free slot. C1 has no guarantee, so it only ever gets what is spare.
+// reserve is the capacity class c, once past its own share, must leave
+// free for the others, as far as their recent peak demand (with 50 %
+// headroom) would use it: every class keeps its share (R1 70 %, W1 30 %)
+// against the others, and C1, which has none, must leave R1 and W1 all
+// they demand, so it only ever runs on spare capacity. A class within its
+// own share only needs a free slot.
 func (l *Limiter) reserve(c Class) float64 {
 	if float64(l.inflight[c]) < l.guaranteed(c) {
 		return 0
 	}
 	r := 0.0
 	for _, k := range Classes {
-		if k == c {
+		want := 1.5*l.peak[k] + 1
+		switch {
+		case k == c:
 			continue
+		case k > c || l.cfg.Shares[c] > 0:
+			// Less critical classes keep their shares; a class with a
+			// share of its own only yields the more critical ones theirs.
+			want = math.Min(l.guaranteed(k), want)
 		}
-		want := math.Min(l.guaranteed(k), 1.5*l.peak[k]+1)
 		r += math.Max(0, want-float64(l.inflight[k]))
 	}
 	return r

@@ -31,6 +31,8 @@ type Config struct {
 	// Environment this knhk runs in: canary, staging or production (flags).
 	Environment string          `yaml:"environment"`
 	Flags       map[string]Flag `yaml:"flags"`
+	Admission   Admission       `yaml:"admission"`
+	Capacity    Capacity        `yaml:"capacity"`
 }
 
 // Rollout configures promotion and rollback.
@@ -103,6 +105,8 @@ type Envoy struct {
 	XDSAddress string `yaml:"xds_address"`
 	// XDSAPI is the ADS flavour in the bootstrap: delta or sotw.
 	XDSAPI string `yaml:"xds_api"`
+	// RouteTimeout is Envoy's upstream timeout per request (0: Envoy's 15 s).
+	RouteTimeout Duration `yaml:"route_timeout"`
 }
 
 // Log configures slog.
@@ -146,6 +150,8 @@ func Default() Config {
 			HardWindow:        Duration(5 * time.Second),
 		},
 		Environment:  "production",
+		Admission:    defaultAdmission(),
+		Capacity:     Capacity{Key: "path", TopK: 50, MRCKeys: 16384},
 		DrainTimeout: Duration(10 * time.Second),
 		Log:          Log{Level: "info"},
 	}
@@ -324,6 +330,15 @@ func (c *Config) validate(file string) error {
 	}
 	if _, err := c.FlagSet(); err != nil {
 		return fail("flags", "%v", err)
+	}
+	if err := c.Admission.validate(fail); err != nil {
+		return err
+	}
+	if err := c.Capacity.validate(fail); err != nil {
+		return err
+	}
+	if c.Envoy.RouteTimeout < 0 {
+		return fail("envoy.route_timeout", "must not be negative")
 	}
 	if c.DrainTimeout < 0 {
 		return fail("drain_timeout", "must not be negative, got %s", c.DrainTimeout.D())
