@@ -28,9 +28,10 @@ type BootstrapOptions struct {
 	// SkipExtProc leaves knhk out of the filter chain: Envoy alone, the
 	// baseline `make bench` measures knhk against.
 	SkipExtProc bool
-	// TrustedHeader and RouteAttribute: see FilterOptions.
-	TrustedHeader  string
-	RouteAttribute bool
+	// TrustedHeader, RouteAttribute, AdaptiveConcurrency: see FilterOptions.
+	TrustedHeader       string
+	RouteAttribute      bool
+	AdaptiveConcurrency bool
 }
 
 // Bootstrap builds and validates an Envoy bootstrap: the listener and knhk's
@@ -72,7 +73,7 @@ func Bootstrap(o BootstrapOptions) (*bootstrapv3.Bootstrap, error) {
 		StaticResources: &bootstrapv3.Bootstrap_StaticResources{
 			Listeners: []*listenerv3.Listener{Listener(o.ListenerAddress, o.ListenerPort,
 				FilterOptions{FailureModeAllow: o.FailureModeAllow, MessageTimeout: o.MessageTimeout, SkipExtProc: o.SkipExtProc,
-					TrustedHeader: o.TrustedHeader, RouteAttribute: o.RouteAttribute})},
+					TrustedHeader: o.TrustedHeader, RouteAttribute: o.RouteAttribute, AdaptiveConcurrency: o.AdaptiveConcurrency})},
 			Clusters: []*clusterv3.Cluster{knhk, xdsCluster},
 		},
 	}

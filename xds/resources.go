@@ -18,12 +18,14 @@ import (
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	adaptivev3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/adaptive_concurrency/v3"
 	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	headermutationv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/header_mutation/v3"
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -200,6 +202,9 @@ type FilterOptions struct {
 	// RouteAttribute asks Envoy for the matched route's name (for
 	// classification rules on routes).
 	RouteAttribute bool
+	// AdaptiveConcurrency puts Envoy's own (class-blind) adaptive
+	// concurrency filter in front of the router: a benchmark baseline.
+	AdaptiveConcurrency bool
 }
 
 // HTTPFilters returns, in order: a header_mutation filter that drops client
@@ -234,6 +239,9 @@ func HTTPFilters(o FilterOptions) []*hcmv3.HttpFilter {
 	}
 	router := &hcmv3.HttpFilter{Name: "envoy.filters.http.router", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&routerv3.Router{})}}
 	if o.SkipExtProc {
+		if o.AdaptiveConcurrency {
+			return []*hcmv3.HttpFilter{adaptiveConcurrency(), router}
+		}
 		return []*hcmv3.HttpFilter{router}
 	}
 	return []*hcmv3.HttpFilter{
@@ -310,4 +318,25 @@ func notExactly(s string) string {
 	}
 	alts = append(alts, regexp.QuoteMeta(s)+".+")
 	return "(?:" + strings.Join(alts, "|") + ")"
+}
+
+// adaptiveConcurrency is Envoy's gradient concurrency controller with its
+// documented example settings: p50 latency samples, limit updated every
+// 100 ms, the minimum RTT re-measured every 60 s over 50 requests.
+func adaptiveConcurrency() *hcmv3.HttpFilter {
+	cfg := &adaptivev3.AdaptiveConcurrency{
+		ConcurrencyControllerConfig: &adaptivev3.AdaptiveConcurrency_GradientControllerConfig{
+			GradientControllerConfig: &adaptivev3.GradientControllerConfig{
+				SampleAggregatePercentile: &typev3.Percent{Value: 50},
+				ConcurrencyLimitParams: &adaptivev3.GradientControllerConfig_ConcurrencyLimitCalculationParams{
+					ConcurrencyUpdateInterval: durationpb.New(100 * time.Millisecond),
+				},
+				MinRttCalcParams: &adaptivev3.GradientControllerConfig_MinimumRTTCalculationParams{
+					Interval:     durationpb.New(60 * time.Second),
+					RequestCount: wrapperspb.UInt32(50),
+				},
+			},
+		},
+	}
+	return &hcmv3.HttpFilter{Name: "envoy.filters.http.adaptive_concurrency", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(cfg)}}
 }

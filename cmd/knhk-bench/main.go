@@ -40,7 +40,7 @@ func main() {
 	rounds := flag.Int("rounds", 3, "interleaved rounds per setup (the median is reported)")
 	maxRates := flag.String("max-rates", "1000,2000,3000,4000,5000,6000,8000", "rates tried when searching the highest sustained rate")
 	step := flag.Duration("step", 4*time.Second, "length of each step of the sustained-rate search")
-	only := flag.String("only", "", "run one part: latency, rollback, false-rollbacks or xds (default: all)")
+	only := flag.String("only", "", "run one part: latency, rollback, false-rollbacks, xds or overload (default: all)")
 	runs := flag.Int("runs", 20, "runs for the rollback and false-rollback benchmarks")
 	flag.Parse()
 	if err := runAll(*only, *runs, func() error { return run(*rate, *dur, *rounds, parseRates(*maxRates), *step) }); err != nil {
@@ -83,6 +83,7 @@ func runAll(only string, runs int, latency func() error) error {
 		{"rollback", func() error { return rollbackReaction(bin, work, logs, runs) }},
 		{"false-rollbacks", func() error { return falseRollbacks(bin, work, logs, runs) }},
 		{"xds", func() error { return xdsPropagation(bin, work, logs, 100) }},
+		{"overload", func() error { return overloadBench(bin, work, logs) }},
 	}
 	ran := false
 	for _, p := range parts {
@@ -96,7 +97,7 @@ func runAll(only string, runs int, latency func() error) error {
 		}
 	}
 	if !ran {
-		return fmt.Errorf("--only %q: want latency, rollback, false-rollbacks or xds", only)
+		return fmt.Errorf("--only %q: want latency, rollback, false-rollbacks, xds or overload", only)
 	}
 	return nil
 }
@@ -254,7 +255,7 @@ func mark(ok bool) string {
 
 // extraEnvoy starts another Envoy for knhk's config with the ext_proc
 // cluster pointed at addr (or no ext_proc at all).
-func extraEnvoy(bin, work, name string, s *harness.Stack, extprocAddr string, alone bool, logs *harness.LogBuffer) (string, *harness.Envoy, error) {
+func extraEnvoy(bin, work, name string, s *harness.Stack, extprocAddr string, alone bool, logs *harness.LogBuffer, flags ...string) (string, *harness.Envoy, error) {
 	ports, err := harness.FreePorts(2)
 	if err != nil {
 		return "", nil, err
@@ -270,7 +271,7 @@ func extraEnvoy(bin, work, name string, s *harness.Stack, extprocAddr string, al
 	if err := harness.WriteConfig(p, cfg); err != nil {
 		return "", nil, err
 	}
-	var extra []string
+	extra := flags
 	if alone {
 		extra = append(extra, "--baseline-without-knhk")
 	}

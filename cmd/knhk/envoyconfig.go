@@ -30,6 +30,7 @@ func envoyConfig(args []string, stdout, stderr io.Writer) int {
 	listenerPort := fs.Int("listener-port", 0, "Envoy listener port (overrides envoy.listener_port)")
 	adminPort := fs.Int("admin-port", 0, "Envoy admin port (overrides envoy.admin_port)")
 	baseline := fs.Bool("baseline-without-knhk", false, "benchmarks only: leave knhk out of the filter chain (Envoy alone)")
+	adaptive := fs.Bool("baseline-adaptive-concurrency", false, "benchmarks only: with --baseline-without-knhk, add Envoy's adaptive_concurrency filter")
 	xdsAPI := fs.String("xds-api", "", "delta or sotw (overrides envoy.xds_api)")
 	var fma optionalBool
 	fs.Var(&fma, "failure-mode-allow", "serve requests when knhk is unreachable (overrides envoy.failure_mode_allow)")
@@ -54,7 +55,7 @@ func envoyConfig(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "knhk:", err)
 		return 1
 	}
-	out, err := renderBootstrap(&cfg, *baseline)
+	out, err := renderBootstrap(&cfg, *baseline, *adaptive)
 	if err != nil {
 		fmt.Fprintln(stderr, "knhk:", err)
 		return 1
@@ -64,19 +65,20 @@ func envoyConfig(args []string, stdout, stderr io.Writer) int {
 }
 
 // renderBootstrap returns the YAML bootstrap for a validated config.
-func renderBootstrap(cfg *config.Config, baseline bool) ([]byte, error) {
+func renderBootstrap(cfg *config.Config, baseline, adaptive bool) ([]byte, error) {
 	b, err := xds.Bootstrap(xds.BootstrapOptions{
-		ListenerAddress:  cfg.Envoy.ListenerAddress,
-		ListenerPort:     uint32(cfg.Envoy.ListenerPort),
-		AdminPort:        uint32(cfg.Envoy.AdminPort),
-		KnhkGRPC:         cfg.GRPCAddressForEnvoy(),
-		KnhkXDS:          cfg.XDSAddressForEnvoy(),
-		Delta:            cfg.Envoy.XDSAPI == "delta",
-		FailureModeAllow: cfg.Envoy.FailureModeAllow,
-		MessageTimeout:   cfg.Envoy.MessageTimeout.D(),
-		SkipExtProc:      baseline,
-		TrustedHeader:    cfg.Admission.TrustedHeader,
-		RouteAttribute:   usesRoutes(cfg),
+		ListenerAddress:     cfg.Envoy.ListenerAddress,
+		ListenerPort:        uint32(cfg.Envoy.ListenerPort),
+		AdminPort:           uint32(cfg.Envoy.AdminPort),
+		KnhkGRPC:            cfg.GRPCAddressForEnvoy(),
+		KnhkXDS:             cfg.XDSAddressForEnvoy(),
+		Delta:               cfg.Envoy.XDSAPI == "delta",
+		FailureModeAllow:    cfg.Envoy.FailureModeAllow,
+		MessageTimeout:      cfg.Envoy.MessageTimeout.D(),
+		SkipExtProc:         baseline,
+		TrustedHeader:       cfg.Admission.TrustedHeader,
+		RouteAttribute:      usesRoutes(cfg),
+		AdaptiveConcurrency: adaptive,
 	})
 	if err != nil {
 		return nil, err
