@@ -125,7 +125,7 @@ func (r *Rule) covers(b *Rule) bool {
 	if r.PathRegex != "" && r.PathRegex != b.PathRegex {
 		return false
 	}
-	if r.PathPrefix != "" && !(b.PathPrefix != "" && strings.HasPrefix(b.PathPrefix, r.PathPrefix)) {
+	if r.PathPrefix != "" && (b.PathPrefix == "" || !strings.HasPrefix(b.PathPrefix, r.PathPrefix)) {
 		return false
 	}
 	if len(r.Methods) > 0 {
