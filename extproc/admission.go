@@ -20,6 +20,9 @@ const (
 	// RouteAttribute is the Envoy attribute naming the matched route, for
 	// classification rules on routes.
 	RouteAttribute = "xds.route_name"
+	// PeerURIAttribute is the downstream client certificate's URI SAN —
+	// its SPIFFE ID when the listener does mTLS (e.g. an Istio sidecar).
+	PeerURIAttribute = "connection.uri_san_peer_certificate"
 )
 
 // CapacityKey says which part of a request the capacity sketches count.
@@ -63,6 +66,7 @@ func (s *Server) admit(st *stream, hs headerView, req *extprocv3.ProcessingReque
 	q.Path = path
 	q.Authority, _ = hs.Get(":authority")
 	q.Route = attribute(req, RouteAttribute)
+	q.SpiffeID = attribute(req, PeerURIAttribute)
 	st.class = a.Classifier.Classify(&q)
 	st.classified = true
 	now := s.now()

@@ -31,6 +31,7 @@ type BootstrapOptions struct {
 	// TrustedHeader, RouteAttribute, AdaptiveConcurrency: see FilterOptions.
 	TrustedHeader       string
 	RouteAttribute      bool
+	PeerAttribute       bool
 	AdaptiveConcurrency bool
 }
 
@@ -73,7 +74,7 @@ func Bootstrap(o BootstrapOptions) (*bootstrapv3.Bootstrap, error) {
 		StaticResources: &bootstrapv3.Bootstrap_StaticResources{
 			Listeners: []*listenerv3.Listener{Listener(o.ListenerAddress, o.ListenerPort,
 				FilterOptions{FailureModeAllow: o.FailureModeAllow, MessageTimeout: o.MessageTimeout, SkipExtProc: o.SkipExtProc,
-					TrustedHeader: o.TrustedHeader, RouteAttribute: o.RouteAttribute, AdaptiveConcurrency: o.AdaptiveConcurrency})},
+					TrustedHeader: o.TrustedHeader, RouteAttribute: o.RouteAttribute, PeerAttribute: o.PeerAttribute, AdaptiveConcurrency: o.AdaptiveConcurrency})},
 			Clusters: []*clusterv3.Cluster{knhk, xdsCluster},
 		},
 	}

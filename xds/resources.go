@@ -202,6 +202,9 @@ type FilterOptions struct {
 	// RouteAttribute asks Envoy for the matched route's name (for
 	// classification rules on routes).
 	RouteAttribute bool
+	// PeerAttribute asks Envoy for the downstream peer certificate's URI
+	// SAN (the caller's SPIFFE ID under mTLS), for rules on spiffe_id.
+	PeerAttribute bool
 	// AdaptiveConcurrency puts Envoy's own (class-blind) adaptive
 	// concurrency filter in front of the router: a benchmark baseline.
 	AdaptiveConcurrency bool
@@ -235,7 +238,10 @@ func HTTPFilters(o FilterOptions) []*hcmv3.HttpFilter {
 		ResponseAttributes: []string{clusterAttribute},
 	}
 	if o.RouteAttribute {
-		ext.RequestAttributes = []string{routeAttribute}
+		ext.RequestAttributes = append(ext.RequestAttributes, routeAttribute)
+	}
+	if o.PeerAttribute {
+		ext.RequestAttributes = append(ext.RequestAttributes, "connection.uri_san_peer_certificate")
 	}
 	router := &hcmv3.HttpFilter{Name: "envoy.filters.http.router", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&routerv3.Router{})}}
 	if o.SkipExtProc {

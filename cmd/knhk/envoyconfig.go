@@ -78,6 +78,7 @@ func renderBootstrap(cfg *config.Config, baseline, adaptive bool) ([]byte, error
 		SkipExtProc:         baseline,
 		TrustedHeader:       cfg.Admission.TrustedHeader,
 		RouteAttribute:      usesRoutes(cfg),
+		PeerAttribute:       usesSpiffeIDs(cfg),
 		AdaptiveConcurrency: adaptive,
 	})
 	if err != nil {
@@ -100,4 +101,14 @@ func usesRoutes(cfg *config.Config) bool {
 		}
 	}
 	return cfg.Capacity.Key == "route"
+}
+
+// usesSpiffeIDs reports whether classification needs the caller's SPIFFE ID.
+func usesSpiffeIDs(cfg *config.Config) bool {
+	for _, r := range cfg.Admission.Rules {
+		if r.SpiffeID != "" {
+			return true
+		}
+	}
+	return false
 }
