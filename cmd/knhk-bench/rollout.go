@@ -1,9 +1,7 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
-	"net/http"
 	"path/filepath"
 	"slices"
 	"time"
@@ -13,28 +11,9 @@ import (
 	"github.com/knhk/knhk/xds"
 )
 
-var benchClient = &http.Client{Timeout: 10 * time.Second}
+func post(admin, path string) error { return harness.PostOK(admin + path) }
 
-func post(admin, path string) error {
-	resp, err := benchClient.Post(admin+path, "application/json", nil)
-	if err != nil {
-		return err
-	}
-	_ = resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("POST %s: %s", path, resp.Status)
-	}
-	return nil
-}
-
-func getJSON(url string, v any) error {
-	resp, err := benchClient.Get(url)
-	if err != nil {
-		return err
-	}
-	defer func() { _ = resp.Body.Close() }()
-	return json.NewDecoder(resp.Body).Decode(v)
-}
+func getJSON(url string, v any) error { return harness.GetJSON(url, v) }
 
 type phaseView struct {
 	Phase  string

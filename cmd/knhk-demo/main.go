@@ -6,7 +6,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -141,15 +140,7 @@ func (d *demo) post(path string) error {
 	if strings.HasPrefix(path, "/fault") {
 		base = d.canaryUpstream
 	}
-	resp, err := demoClient.Post(base+path, "application/json", nil)
-	if err != nil {
-		return err
-	}
-	_ = resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("POST %s: %s", path, resp.Status)
-	}
-	return nil
+	return harness.PostOK(base + path)
 }
 
 type rolloutState struct {
@@ -162,12 +153,7 @@ type rolloutState struct {
 
 func (d *demo) rollout() (rolloutState, error) {
 	var st rolloutState
-	resp, err := demoClient.Get(d.admin + "/v1/rollout")
-	if err != nil {
-		return st, err
-	}
-	defer func() { _ = resp.Body.Close() }()
-	return st, json.NewDecoder(resp.Body).Decode(&st)
+	return st, harness.GetJSON(d.admin+"/v1/rollout", &st)
 }
 
 // traffic sends requests from n users (each sticky by x-user-id) and prints

@@ -7,6 +7,7 @@ package harness
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -103,18 +104,41 @@ func Poll(timeout, every time.Duration, f func() error) error {
 	}
 }
 
+var httpClient = &http.Client{Timeout: 10 * time.Second}
+
 // HTTPOK returns nil if GET url answers 200.
-func HTTPOK(url string) error {
-	c := http.Client{Timeout: time.Second}
-	resp, err := c.Get(url)
+func HTTPOK(url string) error { return expectOK(http.MethodGet, url) }
+
+// PostOK sends an empty POST and returns nil if it answers 200.
+func PostOK(url string) error { return expectOK(http.MethodPost, url) }
+
+func expectOK(method, url string) error {
+	req, err := http.NewRequest(method, url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := httpClient.Do(req)
 	if err != nil {
 		return err
 	}
 	_ = resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("GET %s: %s", url, resp.Status)
+		return fmt.Errorf("%s %s: %s", method, url, resp.Status)
 	}
 	return nil
+}
+
+// GetJSON decodes the JSON answer of GET url into v.
+func GetJSON(url string, v any) error {
+	resp, err := httpClient.Get(url)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = resp.Body.Close() }()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	return json.NewDecoder(resp.Body).Decode(v)
 }
 
 // LogBuffer is a goroutine-safe log sink whose content is shown when a test
