@@ -300,3 +300,25 @@ func BenchmarkAcquireRelease(b *testing.B) {
 		}
 	}
 }
+
+// TestFastServiceJitterDoesNotCollapseTheLimit: a sub-millisecond service
+// whose latency jitters by a few hundred per cent at light load must not
+// be throttled (the limit's slack absorbs scheduling noise).
+func TestFastServiceJitterDoesNotCollapseTheLimit(t *testing.T) {
+	l := NewLimiter(DefaultLimiterConfig())
+	now := time.Unix(0, 0)
+	for i := range 20000 {
+		if l.Acquire(W1, now) != Admit {
+			t.Fatalf("request %d shed at light load (limit %.1f)", i, l.Snapshot().Limit)
+		}
+		lat := 500 * time.Microsecond
+		if i%3 == 0 {
+			lat = 2500 * time.Microsecond
+		}
+		l.Release(W1, lat)
+		now = now.Add(time.Millisecond)
+	}
+	if lim := l.Snapshot().Limit; lim < float64(DefaultLimiterConfig().Initial) {
+		t.Fatalf("limit fell to %.1f under jitter alone", lim)
+	}
+}

@@ -12,6 +12,9 @@ type LimiterConfig struct {
 	// Tolerance: the short-window latency may exceed the no-load baseline
 	// by this factor before the limit is cut (1.2 = 20 % queueing allowed).
 	Tolerance float64
+	// Slack is queueing delay always tolerated on top of Tolerance: for a
+	// sub-millisecond service, scheduling jitter alone exceeds 20 %.
+	Slack time.Duration
 	// Shares are the fractions of the limit kept for each class against
 	// less critical ones; a class may use more when it leaves the unused
 	// shares of more critical classes free. C1's share is 0: it runs on
@@ -24,7 +27,7 @@ type LimiterConfig struct {
 
 // DefaultLimiterConfig: R1 70 %, W1 30 %, C1 spare only.
 func DefaultLimiterConfig() LimiterConfig {
-	return LimiterConfig{Initial: 20, Min: 2, Max: 1000, Tolerance: 1.2,
+	return LimiterConfig{Initial: 20, Min: 10, Max: 1000, Tolerance: 1.2, Slack: 2 * time.Millisecond,
 		Shares: [numClasses]float64{R1: 0.7, W1: 0.3, C1: 0}, Budgets: DefaultBudgets}
 }
 
@@ -169,7 +172,7 @@ func (l *Limiter) sample(rtt float64) {
 	} else {
 		l.baseline += 0.00005 * (l.short - l.baseline)
 	}
-	gradient := math.Max(0.5, math.Min(1, l.cfg.Tolerance*l.baseline/l.short))
+	gradient := math.Max(0.5, math.Min(1, (l.cfg.Tolerance*l.baseline+l.cfg.Slack.Seconds())/l.short))
 	next := l.limit*gradient + 1
 	switch {
 	case next < l.limit:

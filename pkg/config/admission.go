@@ -52,10 +52,11 @@ type ClassRule struct {
 
 // LimiterConfig bounds the adaptive limit.
 type LimiterConfig struct {
-	Initial   int     `yaml:"initial"`
-	Min       int     `yaml:"min"`
-	Max       int     `yaml:"max"`
-	Tolerance float64 `yaml:"tolerance"`
+	Initial   int      `yaml:"initial"`
+	Min       int      `yaml:"min"`
+	Max       int      `yaml:"max"`
+	Tolerance float64  `yaml:"tolerance"`
+	Slack     Duration `yaml:"slack"`
 }
 
 // Capacity configures the capacity sketches.
@@ -74,7 +75,7 @@ func defaultAdmission() Admission {
 			C1: ClassConfig{Budget: Duration(d.Budgets[admission.C1]), Share: d.Shares[admission.C1]},
 		},
 		DefaultClass: "W1",
-		Limiter:      LimiterConfig{Initial: d.Initial, Min: d.Min, Max: d.Max, Tolerance: d.Tolerance},
+		Limiter:      LimiterConfig{Initial: d.Initial, Min: d.Min, Max: d.Max, Tolerance: d.Tolerance, Slack: Duration(d.Slack)},
 		C1RetryAfter: Duration(10 * time.Second),
 	}
 }
@@ -105,6 +106,9 @@ func (a *Admission) validate(fail failFunc) error {
 	l := a.Limiter
 	if l.Min < 1 || l.Max < l.Min || l.Initial < l.Min || l.Initial > l.Max {
 		return fail("admission.limiter", "need 1 ≤ min ≤ initial ≤ max, got min %d, initial %d, max %d", l.Min, l.Initial, l.Max)
+	}
+	if l.Slack < 0 {
+		return fail("admission.limiter.slack", "must not be negative")
 	}
 	if math.IsNaN(l.Tolerance) || l.Tolerance < 1 {
 		return fail("admission.limiter.tolerance", "%v: at least 1 (1.2 = 20 %% queueing allowed)", l.Tolerance)
@@ -138,7 +142,8 @@ func (a *Admission) Classifier() (*admission.Classifier, error) {
 
 // LimiterConfig converts to pkg/admission's.
 func (a *Admission) LimiterConfig() admission.LimiterConfig {
-	cfg := admission.LimiterConfig{Initial: a.Limiter.Initial, Min: a.Limiter.Min, Max: a.Limiter.Max, Tolerance: a.Limiter.Tolerance}
+	cfg := admission.LimiterConfig{Initial: a.Limiter.Initial, Min: a.Limiter.Min, Max: a.Limiter.Max,
+		Tolerance: a.Limiter.Tolerance, Slack: a.Limiter.Slack.D()}
 	for cl, c := range a.Classes.byClass() {
 		cfg.Budgets[cl] = c.Budget.D()
 		cfg.Shares[cl] = c.Share
