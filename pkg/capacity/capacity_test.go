@@ -83,8 +83,15 @@ func exactHitRates(trace []uint64, sizes []int) []float64 {
 }
 
 func TestMissRatioCurveMatchesExactLRU(t *testing.T) {
-	const keys, refs = 100_000, 1_000_000
-	sizes := []int{1000, 2000, 5000, 10000, 20000, 50000, 100000}
+	t.Run("large", func(t *testing.T) {
+		mrcAgainstExact(t, 100_000, 1_000_000, []int{1000, 2000, 5000, 10000, 20000, 50000, 100000})
+	})
+	t.Run("small working set", func(t *testing.T) { // sampled at the initial rate, no eviction
+		mrcAgainstExact(t, 2_000, 300_000, []int{20, 50, 100, 200, 500, 1000, 2000})
+	})
+}
+
+func mrcAgainstExact(t *testing.T, keys, refs int, sizes []int) {
 	for _, s := range []float64{0.8, 1.0, 1.2} {
 		z := newZipf(keys, s, uint64(s*10))
 		trace := make([]uint64, refs)
