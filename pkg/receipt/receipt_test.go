@@ -1,0 +1,163 @@
+package receipt
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"errors"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/knhk/knhk/pkg/kms"
+)
+
+func sample() Receipt {
+	r := Receipt{Time: 1_700_000_000_123_456_789, Method: "GET", Authority: "shop.example", Path: "/api/cart?x=1",
+		Status: 200, DurationUs: 1234, Version: "canary", Class: "R1", Decision: "admitted",
+		Caller: "spiffe://example.org/frontend", Region: "eu-west-1"}
+	copy(r.ID[:], "0123456789abcdef")
+	r.ReqHeaders[0], r.ResHeaders[31] = 1, 2
+	return r
+}
+
+func TestEncodingIsCanonicalAndRoundTrips(t *testing.T) {
+	r := sample()
+	a, err := r.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := r.Encode()
+	if !bytes.Equal(a, b) {
+		t.Fatal("same receipt, different bytes")
+	}
+	back, err := Decode(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if back != r {
+		t.Fatalf("round trip changed the receipt:\n%+v\n%+v", back, r)
+	}
+	r2 := r
+	r2.Status = 503
+	c, _ := r2.Encode()
+	if LeafHash(a) == LeafHash(c) {
+		t.Fatal("different receipts, same leaf hash")
+	}
+	// RFC 6962: the leaf hash is SHA-256 of 0x00 ‖ data.
+	if LeafHash(nil) != [32]byte{0x6e, 0x34, 0x0b, 0x9c, 0xff, 0xb3, 0x7a, 0x98, 0x9c, 0xa5, 0x44, 0xe6, 0xbb, 0x78, 0x0a, 0x2c, 0x78, 0x90, 0x1d, 0x3f, 0xb3, 0x37, 0x38, 0x76, 0x85, 0x11, 0xa3, 0x06, 0x17, 0xaf, 0xa0, 0x1d} {
+		t.Fatal("leaf hash of the empty leaf is not RFC 6962's")
+	}
+}
+
+func TestDecodeRejectsMalformed(t *testing.T) {
+	r := sample()
+	good, _ := r.Encode()
+	cases := map[string][]byte{
+		"truncated":      good[:len(good)-1],
+		"trailing bytes": append(append([]byte{}, good...), 0),
+		"version":        append([]byte{9}, good[1:]...),
+		"empty":          nil,
+	}
+	for name, b := range cases {
+		if _, err := Decode(b); !errors.Is(err, ErrMalformed) {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	r.Path = strings.Repeat("x", maxField+1)
+	if _, err := r.Encode(); err == nil || !strings.Contains(err.Error(), "path") {
+		t.Fatalf("over-long path: %v", err)
+	}
+}
+
+func TestTokenRoundTripAndTamper(t *testing.T) {
+	pub, priv, _ := ed25519.GenerateKey(nil)
+	r := sample()
+	enc, _ := r.Encode()
+	c := Cert{PublicKey: pub}
+	tok := Sign(r.ID, LeafHash(enc), c.KeyID(), priv)
+	s := tok.String()
+	if len(s) != TokenLen || len(s) > 512 {
+		t.Fatalf("token is %d bytes (TokenLen %d)", len(s), TokenLen)
+	}
+	back, err := ParseToken(s)
+	if err != nil || back != tok || !back.VerifySignature(pub) {
+		t.Fatalf("round trip: %v", err)
+	}
+	// Every single-character change is either unparseable or fails the signature.
+	for i := len("kr1."); i < len(s); i++ {
+		b := []byte(s)
+		b[i] = map[bool]byte{true: 'A', false: 'B'}[b[i] != 'A']
+		if x, err := ParseToken(string(b)); err == nil && x.VerifySignature(pub) && x == tok {
+			t.Fatalf("change at %d went unnoticed", i)
+		}
+	}
+	for _, bad := range []string{"", "kr2.AAAA", "kr1.!!!", "kr1.AAAA"} {
+		if _, err := ParseToken(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}
+
+func TestDelegationCertificate(t *testing.T) {
+	signer, err := kms.OpenLocal(filepath.Join(t.TempDir(), "kms.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, _, _ := ed25519.GenerateKey(nil)
+	now := time.Unix(1_700_000_000, 0)
+	sc, err := Certify(context.Background(), signer, pub, now, 12*time.Hour, "eu-west-1", "knhk-0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sc.Verify(signer.Public(), now.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	for name, at := range map[string]time.Time{"before": now.Add(-time.Second), "after": now.Add(12 * time.Hour)} {
+		if err := sc.Verify(signer.Public(), at); !errors.Is(err, ErrCertificate) {
+			t.Errorf("%s validity: %v", name, err)
+		}
+	}
+	tampered := sc
+	tampered.Cert.Region = "us-east-1"
+	if err := tampered.Verify(signer.Public(), now.Add(time.Hour)); !errors.Is(err, ErrCertificate) {
+		t.Fatalf("changed region verified: %v", err)
+	}
+	if _, err := Certify(context.Background(), signer, pub, now, 25*time.Hour, "r", "i"); err == nil {
+		t.Fatal("a 25 h delegation was issued")
+	}
+}
+
+func FuzzParseToken(f *testing.F) {
+	pub, priv, _ := ed25519.GenerateKey(nil)
+	f.Add(Sign([16]byte{1}, [32]byte{2}, [8]byte{3}, priv).String())
+	f.Add("kr1.")
+	f.Fuzz(func(t *testing.T, s string) {
+		tok, err := ParseToken(s)
+		if err != nil {
+			return
+		}
+		_ = tok.VerifySignature(pub)
+		if back, err := ParseToken(tok.String()); err != nil || back != tok {
+			t.Fatalf("re-encoding a parsed token changed it: %v", err)
+		}
+	})
+}
+
+func FuzzDecode(f *testing.F) {
+	r := sample()
+	good, _ := r.Encode()
+	f.Add(good)
+	f.Add([]byte{1})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r, err := Decode(b)
+		if err != nil {
+			return
+		}
+		enc, err := r.Encode()
+		if err != nil || !bytes.Equal(enc, b) {
+			t.Fatalf("decoded bytes do not re-encode to themselves: %v", err)
+		}
+	})
+}
