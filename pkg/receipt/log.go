@@ -1,0 +1,146 @@
+package receipt
+
+import (
+	"context"
+	"crypto/ed25519"
+	"fmt"
+	"time"
+
+	"github.com/transparency-dev/formats/log"
+	"github.com/transparency-dev/merkle/proof"
+	"github.com/transparency-dev/merkle/rfc6962"
+	"github.com/transparency-dev/tessera"
+	"github.com/transparency-dev/tessera/client"
+	"github.com/transparency-dev/tessera/storage/posix"
+	"golang.org/x/mod/sumdb/note"
+
+	"github.com/knhk/knhk/pkg/kms"
+)
+
+// NoteSigner signs C2SP checkpoints (signed notes) with a KMS key. Only
+// Ed25519 keys have a standard note signature type; ECDSA keys need the
+// cosignature types of the multi-region work.
+type NoteSigner struct {
+	name   string
+	hash   uint32
+	signer kms.Signer
+}
+
+// NewNoteSigner wraps signer under the log's origin name and returns the
+// matching verifier key (the "vkey" to publish).
+func NewNoteSigner(origin string, signer kms.Signer) (*NoteSigner, string, error) {
+	pub, ok := signer.Public().(ed25519.PublicKey)
+	if signer.Algorithm() != kms.Ed25519 || !ok {
+		return nil, "", fmt.Errorf("checkpoint signer %s: %s keys cannot sign C2SP notes yet; use an Ed25519 key", signer.KeyID(), signer.Algorithm())
+	}
+	vkey, err := note.NewEd25519VerifierKey(origin, pub)
+	if err != nil {
+		return nil, "", err
+	}
+	v, err := note.NewVerifier(vkey)
+	if err != nil {
+		return nil, "", err
+	}
+	return &NoteSigner{name: origin, hash: v.KeyHash(), signer: signer}, vkey, nil
+}
+
+// Name is the log origin.
+func (s *NoteSigner) Name() string { return s.name }
+
+// KeyHash identifies the key in the note's signature lines.
+func (s *NoteSigner) KeyHash() uint32 { return s.hash }
+
+// Sign signs the note text through the KMS.
+func (s *NoteSigner) Sign(msg []byte) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return s.signer.Sign(ctx, msg)
+}
+
+// Log is the durable, append-only Merkle log of receipts (tessera with its
+// POSIX driver): entries are the canonical receipt encodings, leaves their
+// RFC 6962 hashes, checkpoints C2SP signed notes.
+type Log struct {
+	add      tessera.AddFn
+	reader   tessera.LogReader
+	shutdown func(context.Context) error
+	origin   string
+	verifier note.Verifier
+}
+
+// LogOptions tune batching (the group commit) and checkpointing.
+type LogOptions struct {
+	BatchMaxSize       uint          // default 256
+	BatchMaxAge        time.Duration // default 5 ms: the most a receipt waits for its batch
+	CheckpointInterval time.Duration // default 5 s: KMS signs per interval, not per request
+}
+
+// OpenLog opens (or creates) the log in dir.
+func OpenLog(ctx context.Context, dir string, signer *NoteSigner, vkey string, o LogOptions) (*Log, error) {
+	if o.BatchMaxSize == 0 {
+		o.BatchMaxSize = 256
+	}
+	if o.BatchMaxAge == 0 {
+		o.BatchMaxAge = 5 * time.Millisecond
+	}
+	if o.CheckpointInterval == 0 {
+		o.CheckpointInterval = 5 * time.Second
+	}
+	v, err := note.NewVerifier(vkey)
+	if err != nil {
+		return nil, fmt.Errorf("receipt log: verifier key: %w", err)
+	}
+	driver, err := posix.New(ctx, posix.Config{Path: dir})
+	if err != nil {
+		return nil, fmt.Errorf("receipt log %s: %w", dir, err)
+	}
+	opts := tessera.NewAppendOptions().
+		WithCheckpointSigner(signer).
+		WithBatching(o.BatchMaxSize, o.BatchMaxAge).
+		WithCheckpointInterval(o.CheckpointInterval)
+	appender, shutdown, reader, err := tessera.NewAppender(ctx, driver, opts)
+	if err != nil {
+		return nil, fmt.Errorf("receipt log %s: %w", dir, err)
+	}
+	return &Log{add: appender.Add, reader: reader, shutdown: shutdown, origin: signer.Name(), verifier: v}, nil
+}
+
+// Append adds an encoded receipt and returns its index once it is durably
+// sequenced (its batch is on disk), which is before its receipt header
+// may be returned.
+func (l *Log) Append(ctx context.Context, encoded []byte) (uint64, error) {
+	idx, err := l.add(ctx, tessera.NewEntry(encoded))()
+	if err != nil {
+		return 0, fmt.Errorf("receipt log append: %w", err)
+	}
+	return idx.Index, nil
+}
+
+// Checkpoint returns the latest signed checkpoint, verified.
+func (l *Log) Checkpoint(ctx context.Context) (*log.Checkpoint, []byte, error) {
+	cp, raw, _, err := client.FetchCheckpoint(ctx, l.reader.ReadCheckpoint, l.verifier, l.origin)
+	if err != nil {
+		return nil, nil, fmt.Errorf("receipt log checkpoint: %w", err)
+	}
+	return cp, raw, nil
+}
+
+// InclusionProof proves leaf index in the tree of the given size.
+func (l *Log) InclusionProof(ctx context.Context, index, size uint64) ([][]byte, error) {
+	if index >= size {
+		return nil, fmt.Errorf("receipt %d is not in a tree of size %d yet", index, size)
+	}
+	pb, err := client.NewProofBuilder(ctx, size, l.reader.ReadTile)
+	if err != nil {
+		return nil, err
+	}
+	return pb.InclusionProof(ctx, index)
+}
+
+// Close flushes and stops the appender.
+func (l *Log) Close(ctx context.Context) error { return l.shutdown(ctx) }
+
+// VerifyInclusion checks a proof of leaf at index against a root.
+func VerifyInclusion(leaf [32]byte, index, size uint64, p [][]byte, root []byte) error {
+	return proof.VerifyInclusion(rfc6962.DefaultHasher, index, size, leaf[:], p, root)
+}
