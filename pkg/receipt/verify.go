@@ -1,0 +1,111 @@
+package receipt
+
+import (
+	"crypto/x509"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/transparency-dev/formats/log"
+	"golang.org/x/mod/sumdb/note"
+
+	"github.com/knhk/knhk/pkg/kms"
+)
+
+// Bundle is GET /v1/receipts/{id}: everything needed to verify offline.
+type Bundle struct {
+	Token      string   `json:"token"`
+	Receipt    []byte   `json:"receipt"` // canonical encoding
+	Index      uint64   `json:"index"`
+	Proof      [][]byte `json:"inclusion_proof"`
+	Checkpoint string   `json:"checkpoint"` // C2SP signed note
+}
+
+// PublishedKeys is GET /v1/keys: the log's note verifier key, the KMS
+// public keys and every delegation certificate.
+type PublishedKeys struct {
+	LogVerifierKey string            `json:"log_verifier_key"`
+	KMS            map[string][]byte `json:"kms"` // KMS key id → PKIX DER public key
+	Certificates   []PublishedCert   `json:"certificates"`
+}
+
+// Check is one verification step's outcome.
+type Check struct {
+	Name string
+	Err  error
+}
+
+// Verify runs every check in order and stops at the first failure; the
+// returned slice names each check done and, last, the one that failed.
+func Verify(b Bundle, k PublishedKeys) []Check {
+	var out []Check
+	fail := func(name string, err error) []Check { return append(out, Check{name, err}) }
+	pass := func(name string) { out = append(out, Check{Name: name}) }
+
+	tok, err := ParseToken(b.Token)
+	if err != nil {
+		return fail("token", err)
+	}
+	pass("token")
+	r, err := Decode(b.Receipt)
+	if err != nil {
+		return fail("receipt", err)
+	}
+	if LeafHash(b.Receipt) != tok.LeafHash || r.ID != tok.ID {
+		return fail("receipt", errors.New("the receipt's hash or id does not match the token"))
+	}
+	pass("receipt")
+
+	var cert *SignedCert
+	for _, c := range k.Certificates {
+		sc := FromPublished(c)
+		if sc.Cert.KeyID() == tok.KeyID {
+			cert = &sc
+			break
+		}
+	}
+	if cert == nil {
+		return fail("certificate", fmt.Errorf("no published certificate for signing key %s", hex.EncodeToString(tok.KeyID[:])))
+	}
+	der, ok := k.KMS[cert.Cert.Issuer]
+	if !ok {
+		return fail("certificate", fmt.Errorf("certificate issuer %s is not a published KMS key", cert.Cert.Issuer))
+	}
+	kmsPub, err := x509.ParsePKIXPublicKey(der)
+	if err != nil {
+		return fail("certificate", fmt.Errorf("KMS key %s: %w", cert.Cert.Issuer, err))
+	}
+	if err := cert.Verify(kmsPub, time.Unix(0, r.Time)); err != nil {
+		return fail("certificate", err)
+	}
+	pass("certificate")
+
+	if !tok.VerifySignature(cert.Cert.PublicKey) {
+		return fail("signature", kms.ErrBadSignature)
+	}
+	pass("signature")
+
+	v, err := note.NewVerifier(k.LogVerifierKey)
+	if err != nil {
+		return fail("checkpoint", fmt.Errorf("log verifier key: %w", err))
+	}
+	n, err := note.Open([]byte(b.Checkpoint), note.VerifierList(v))
+	if err != nil {
+		return fail("checkpoint", err)
+	}
+	var cp log.Checkpoint
+	if _, err := cp.Unmarshal([]byte(n.Text)); err != nil {
+		return fail("checkpoint", err)
+	}
+	if cp.Origin != v.Name() {
+		return fail("checkpoint", fmt.Errorf("origin %q, want %q", cp.Origin, v.Name()))
+	}
+	pass("checkpoint")
+
+	if err := VerifyInclusion(tok.LeafHash, b.Index, cp.Size, b.Proof, cp.Hash); err != nil {
+		return fail("inclusion", err)
+	}
+	pass("inclusion")
+	return out
+}
