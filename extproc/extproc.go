@@ -61,6 +61,7 @@ type Server struct {
 	router    atomic.Pointer[canary.Router]
 	flags     atomic.Pointer[flags.Set]
 	admission atomic.Pointer[Admission]
+	receipts  atomic.Pointer[Issuer]
 	clusters  Clusters
 	metrics   *Metrics
 	log       *slog.Logger
@@ -97,6 +98,7 @@ type stream struct {
 	latency       time.Duration // request headers → response headers; -1 unknown
 	version       canary.Version
 	start         time.Time
+	facts         requestFacts // for the receipt
 	sawRequest    bool
 	sawResponse   bool
 	observability bool
@@ -178,6 +180,9 @@ func (s *Server) streamEnded(st *stream) {
 func (s *Server) requestHeaders(st *stream, h *extprocv3.HttpHeaders, req *extprocv3.ProcessingRequest) *extprocv3.ProcessingResponse {
 	st.start = s.now()
 	hs := headerView(h.GetHeaders().GetHeaders())
+	if s.receipts.Load() != nil {
+		st.facts = facts(hs)
+	}
 	var key string
 	st.version, key = canary.Route(st.router, hs)
 	s.metrics.decisions[st.version].Inc()
@@ -187,6 +192,10 @@ func (s *Server) requestHeaders(st *stream, h *extprocv3.HttpHeaders, req *extpr
 		trusted, _ = hs.Get(a.TrustedHeader)
 	}
 	if resp := s.admit(st, hs, req, trusted); resp != nil {
+		ir := resp.GetImmediateResponse()
+		if h := s.issue(st, int(ir.GetStatus().GetCode()), "shed:"+ir.GetDetails(), nil); h != nil {
+			ir.Headers.SetHeaders = append(ir.Headers.SetHeaders, h)
+		}
 		return resp
 	}
 
@@ -241,6 +250,11 @@ func (s *Server) responseHeaders(st *stream, req *extprocv3.ProcessingRequest) *
 	mut := &extprocv3.HeaderMutation{}
 	if v != canary.None {
 		mut.SetHeaders = append(mut.SetHeaders, setHeader(HeaderVersion, versionRaw[v]))
+	}
+	rh := headerView(req.GetResponseHeaders().GetHeaders().GetHeaders())
+	decision := "admitted"
+	if h := s.issue(st, statusCode(rh), decision, rh); h != nil {
+		mut.SetHeaders = append(mut.SetHeaders, h)
 	}
 	return &extprocv3.ProcessingResponse{
 		Response: &extprocv3.ProcessingResponse_ResponseHeaders{

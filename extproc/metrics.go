@@ -15,6 +15,8 @@ type Metrics struct {
 	streamsActive prometheus.Gauge
 	streamErrors  *prometheus.CounterVec
 	admission     [3][3]prometheus.Counter // [class][verdict]
+	receipts      prometheus.Counter
+	receiptErrors prometheus.Counter
 }
 
 // NewMetrics registers the ext_proc metrics on reg.
@@ -53,6 +55,12 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			m.admission[c][v] = adm.WithLabelValues(c.String(), v.Reason())
 		}
 	}
-	reg.MustRegister(dec, adm, m.stripped, m.resets, m.streamsActive, m.streamErrors)
+	m.receipts = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "knhk_receipts_issued_total", Help: "Receipts durably logged and returned in x-knhk-receipt.",
+	})
+	m.receiptErrors = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "knhk_receipt_errors_total", Help: "Responses sent without a receipt because logging it failed.",
+	})
+	reg.MustRegister(dec, adm, m.stripped, m.resets, m.streamsActive, m.streamErrors, m.receipts, m.receiptErrors)
 	return m
 }

@@ -16,6 +16,7 @@ usage:
   knhk start|promote|pause|resume|abort [--admin URL]
   knhk status [--watch] [--json] [--admin URL]
   knhk capacity [--json] [--admin URL]
+  knhk receipt verify [--keys FILE|URL] [--bundle FILE|URL] [--admin URL] [TOKEN]
   knhk version
 `
 
@@ -41,6 +42,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return status(args[1:], stdout, stderr)
 	case "capacity":
 		return capacityCmd(args[1:], stdout, stderr)
+	case "receipt":
+		return receiptCmd(args[1:], stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "knhk", version)
 		return 0

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -29,7 +30,9 @@ import (
 	"github.com/knhk/knhk/pkg/canary"
 	"github.com/knhk/knhk/pkg/capacity"
 	"github.com/knhk/knhk/pkg/config"
+	"github.com/knhk/knhk/pkg/kms"
 	"github.com/knhk/knhk/pkg/promotion"
+	"github.com/knhk/knhk/pkg/receipt"
 	"github.com/knhk/knhk/xds"
 )
 
@@ -60,6 +63,29 @@ type Server struct {
 
 	tracker  *capacity.Tracker
 	limiters [3]*admission.Limiter // by canary.Version; kept across reloads
+	receipts *receipt.Service      // nil unless receipts.enabled
+}
+
+// openReceipts opens the KMS signer and the receipt service.
+func (s *Server) openReceipts(cfg *config.Config) error {
+	var signer kms.Signer
+	var err error
+	switch cfg.Receipts.KMS.Provider {
+	case "aws":
+		signer, err = kms.OpenAWS(s.ctx, kms.AWSConfig{KeyID: cfg.Receipts.KMS.KeyID, Region: cfg.Receipts.KMS.Region, Endpoint: cfg.Receipts.KMS.Endpoint})
+	default:
+		signer, err = kms.OpenLocal(filepath.Join(cfg.DataDir, "keys", "kms-ed25519.key"))
+	}
+	if err != nil {
+		return fmt.Errorf("receipts.kms: %w", err)
+	}
+	host, _ := os.Hostname()
+	s.receipts, err = receipt.OpenService(s.ctx, filepath.Join(cfg.DataDir, "receipts"), cfg.Receipts.ServiceConfig(host), signer, s.log)
+	if err != nil {
+		return fmt.Errorf("receipts: %w", err)
+	}
+	s.extproc.SetReceipts(s.receipts)
+	return nil
 }
 
 // admissionSetup builds the per-request admission setup from cfg, reusing
@@ -137,6 +163,11 @@ func New(cfg config.Config, log *slog.Logger) (_ *Server, err error) {
 	}
 	s.extproc.SetAdmission(adm)
 	s.reg.MustRegister(&admissionCollector{s: s})
+	if cfg.Receipts.Enabled {
+		if err := s.openReceipts(&cfg); err != nil {
+			return nil, err
+		}
+	}
 	s.xds = xds.NewServer(s.ctx, log, s.reg)
 	s.webhooks = promotion.NewWebhooks(webhookTargets(&cfg), log)
 	s.webhooks.OnResult = func(_ string, ok bool) {
@@ -252,6 +283,9 @@ func (s *Server) Serve(ctx context.Context) error {
 		}
 	}()
 	go s.rollout.Run(s.ctx.Done())
+	if s.receipts != nil {
+		go s.receipts.Run(s.ctx)
+	}
 	go s.webhooks.Run(s.ctx)
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	s.health.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
@@ -308,6 +342,11 @@ func (s *Server) close() {
 	}
 	if s.store != nil {
 		_ = s.store.Close()
+	}
+	if s.receipts != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_ = s.receipts.Close(ctx)
+		cancel()
 	}
 }
 

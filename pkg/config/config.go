@@ -33,6 +33,7 @@ type Config struct {
 	Flags       map[string]Flag `yaml:"flags"`
 	Admission   Admission       `yaml:"admission"`
 	Capacity    Capacity        `yaml:"capacity"`
+	Receipts    Receipts        `yaml:"receipts"`
 }
 
 // Rollout configures promotion and rollback.
@@ -151,6 +152,7 @@ func Default() Config {
 		},
 		Environment:  "production",
 		Admission:    defaultAdmission(),
+		Receipts:     defaultReceipts(),
 		Capacity:     Capacity{Key: "path", TopK: 50, MRCKeys: 16384},
 		DrainTimeout: Duration(10 * time.Second),
 		Log:          Log{Level: "info"},
@@ -335,6 +337,9 @@ func (c *Config) validate(file string) error {
 		return err
 	}
 	if err := c.Capacity.validate(fail); err != nil {
+		return err
+	}
+	if err := c.Receipts.validate(fail); err != nil {
 		return err
 	}
 	if c.Envoy.RouteTimeout < 0 {

@@ -144,3 +144,49 @@ func (l *Log) Close(ctx context.Context) error { return l.shutdown(ctx) }
 func VerifyInclusion(leaf [32]byte, index, size uint64, p [][]byte, root []byte) error {
 	return proof.VerifyInclusion(rfc6962.DefaultHasher, index, size, leaf[:], p, root)
 }
+
+// Scan calls f for every entry below size, in order (to rebuild indexes).
+func (l *Log) Scan(ctx context.Context, size uint64, f func(index uint64, data []byte) error) error {
+	for i := uint64(0); i < size; {
+		bundleIdx := i / layoutWidth
+		b, err := client.GetEntryBundle(ctx, l.reader.ReadEntryBundle, bundleIdx, size)
+		if err != nil {
+			return err
+		}
+		for j, e := range b.Entries {
+			idx := bundleIdx*layoutWidth + uint64(j)
+			if idx < i || idx >= size {
+				continue
+			}
+			if err := f(idx, e); err != nil {
+				return err
+			}
+		}
+		i = (bundleIdx + 1) * layoutWidth
+	}
+	return nil
+}
+
+// Entry reads entry index from a tree of the given size (bundles are
+// stored partial or full according to the tree size).
+func (l *Log) Entry(ctx context.Context, index, size uint64) ([]byte, error) {
+	if index >= size {
+		return nil, fmt.Errorf("entry %d is not in a tree of size %d", index, size)
+	}
+	b, err := client.GetEntryBundle(ctx, l.reader.ReadEntryBundle, index/layoutWidth, size)
+	if err != nil {
+		return nil, err
+	}
+	j := index % layoutWidth
+	if j >= uint64(len(b.Entries)) {
+		return nil, fmt.Errorf("entry %d missing from its bundle", index)
+	}
+	return b.Entries[j], nil
+}
+
+// IntegratedSize is the size of the tree entries are integrated into.
+func (l *Log) IntegratedSize(ctx context.Context) (uint64, error) {
+	return l.reader.IntegratedSize(ctx)
+}
+
+const layoutWidth = 256 // tlog-tiles entry bundle width

@@ -1,0 +1,67 @@
+package config
+
+import (
+	"time"
+
+	"github.com/knhk/knhk/pkg/receipt"
+)
+
+// Receipts configures signed request receipts.
+type Receipts struct {
+	Enabled            bool      `yaml:"enabled"`
+	KMS                KMSConfig `yaml:"kms"`
+	Origin             string    `yaml:"origin"` // the log's name in checkpoints
+	Region             string    `yaml:"region"`
+	Instance           string    `yaml:"instance"`
+	CheckpointInterval Duration  `yaml:"checkpoint_interval"`
+	Delegation         Duration  `yaml:"delegation"`
+	BatchMaxAge        Duration  `yaml:"batch_max_age"`
+}
+
+// KMSConfig selects the key that signs checkpoints and certifies the
+// delegated receipt keys.
+type KMSConfig struct {
+	Provider string `yaml:"provider"` // local (default) | aws
+	KeyID    string `yaml:"key_id"`
+	Region   string `yaml:"region"`
+	Endpoint string `yaml:"endpoint"`
+}
+
+func defaultReceipts() Receipts {
+	return Receipts{KMS: KMSConfig{Provider: "local"}, Origin: "knhk.local/receipts", Region: "local",
+		CheckpointInterval: Duration(5 * time.Second), Delegation: Duration(24 * time.Hour), BatchMaxAge: Duration(5 * time.Millisecond)}
+}
+
+func (r *Receipts) validate(fail failFunc) error {
+	switch r.KMS.Provider {
+	case "local":
+	case "aws":
+		if r.KMS.KeyID == "" {
+			return fail("receipts.kms.key_id", "required for the aws provider")
+		}
+	default:
+		return fail("receipts.kms.provider", "%q: want local or aws (azure and vault are not built yet)", r.KMS.Provider)
+	}
+	if r.Origin == "" {
+		return fail("receipts.origin", "must not be empty")
+	}
+	if r.CheckpointInterval.D() < 100*time.Millisecond {
+		return fail("receipts.checkpoint_interval", "%s: at least 100ms", r.CheckpointInterval.D())
+	}
+	if d := r.Delegation.D(); d <= 0 || d > receipt.MaxDelegation {
+		return fail("receipts.delegation", "%s: above 0 and at most %s", d, receipt.MaxDelegation)
+	}
+	if d := r.BatchMaxAge.D(); d <= 0 || d > time.Second {
+		return fail("receipts.batch_max_age", "%s: above 0 and at most 1s (every receipt waits for its batch)", d)
+	}
+	return nil
+}
+
+// ServiceConfig converts for pkg/receipt.
+func (r *Receipts) ServiceConfig(instance string) receipt.ServiceConfig {
+	if r.Instance != "" {
+		instance = r.Instance
+	}
+	return receipt.ServiceConfig{Origin: r.Origin, Region: r.Region, Instance: instance, Delegation: r.Delegation.D(),
+		CheckpointInterval: r.CheckpointInterval.D(), BatchMaxAge: r.BatchMaxAge.D()}
+}
