@@ -72,3 +72,59 @@ func TestEveryResponseCarriesAVerifiableReceipt(t *testing.T) {
 		t.Fatalf("forged token verified or failed at the wrong check: %v\n%s", err, out)
 	}
 }
+
+// TestCrashLosesNoAcknowledgedReceipt: kill -9 knhk under load; after a
+// restart every receipt a client received in a header is in the log and
+// verifies.
+func TestCrashLosesNoAcknowledgedReceipt(t *testing.T) {
+	s := startStack(t, harness.StackOptions{Weight: 20, FailureModeAllow: true, Configure: func(c *config.Config) {
+		c.Receipts.Enabled = true
+		c.Receipts.CheckpointInterval = config.Duration(200 * time.Millisecond)
+	}})
+	load := harness.StartLoad(s.URL, 300, "crash")
+	// Kill while receipts are being written.
+	if err := harness.Poll(10*time.Second, 20*time.Millisecond, func() error {
+		n := 0
+		for _, x := range load.Samples() {
+			if x.Receipt != "" {
+				n++
+			}
+		}
+		if n < 300 {
+			return fmt.Errorf("%d receipts so far", n)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Knhk.Restart(true); err != nil { // SIGKILL, then start again
+		t.Fatal(err)
+	}
+	samples := load.Stop()
+
+	var keys receipt.PublishedKeys
+	if err := harness.GetJSON(s.Knhk.AdminURL()+"/v1/keys", &keys); err != nil {
+		t.Fatal(err)
+	}
+	var tokens []string
+	for _, x := range samples {
+		if x.Receipt != "" {
+			tokens = append(tokens, x.Receipt)
+		}
+	}
+	t.Logf("%d of %d responses carried a receipt across the crash", len(tokens), len(samples))
+	for i, tok := range tokens {
+		var b receipt.Bundle
+		err := harness.Poll(10*time.Second, 50*time.Millisecond, func() error {
+			return harness.GetJSON(s.Knhk.AdminURL()+"/v1/receipts/"+tok, &b)
+		})
+		if err != nil {
+			t.Fatalf("receipt %d of %d, acknowledged before the crash, is not in the log: %v", i, len(tokens), err)
+		}
+		b.Token = tok
+		checks := receipt.Verify(b, keys)
+		if last := checks[len(checks)-1]; last.Err != nil {
+			t.Fatalf("receipt %d: %s check failed: %v", i, last.Name, last.Err)
+		}
+	}
+}

@@ -15,6 +15,7 @@ type Sample struct {
 	At      time.Time // when the request was sent
 	Code    uint16    // 0 when the request failed at the transport
 	Version string    // the upstream that answered (its x-upstream header)
+	Receipt string    // x-knhk-receipt, when knhk issued one
 	Latency time.Duration
 }
 
@@ -47,6 +48,7 @@ func StartLoad(url string, rate int, prefix string) *Load {
 			s := Sample{At: r.Timestamp, Code: r.Code, Latency: r.Latency}
 			if r.Headers != nil {
 				s.Version = r.Headers.Get("x-upstream")
+				s.Receipt = r.Headers.Get("x-knhk-receipt")
 			}
 			l.mu.Lock()
 			l.samples = append(l.samples, s)
