@@ -1,12 +1,18 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"net/http"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/credentials"
+	awskms "github.com/aws/aws-sdk-go-v2/service/kms"
+	"github.com/aws/aws-sdk-go-v2/service/kms/types"
 
 	"github.com/knhk/knhk/internal/harness"
 	"github.com/knhk/knhk/pkg/config"
@@ -127,4 +133,113 @@ func TestCrashLosesNoAcknowledgedReceipt(t *testing.T) {
 			t.Fatalf("receipt %d: %s check failed: %v", i, last.Name, last.Err)
 		}
 	}
+}
+
+// TestKMSOutageDelaysCheckpointsNotRequests: with checkpoints signed by
+// AWS KMS (local-kms), stopping the KMS mid-run leaves every request with a
+// receipt; when it returns, checkpoint signing resumes, the checkpoint
+// covers everything and every receipt verifies — the log has no gap.
+func TestKMSOutageDelaysCheckpointsNotRequests(t *testing.T) {
+	lg := logs(t)
+	lk, err := harness.StartLocalKMS(t.TempDir(), lg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lk.Stop()
+	t.Setenv("AWS_ACCESS_KEY_ID", "test")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "test")
+	keyID := createKMSKey(t, lk.Endpoint)
+	s := startStack(t, harness.StackOptions{Weight: 20, Logs: lg, Configure: func(c *config.Config) {
+		c.Receipts.Enabled = true
+		c.Receipts.CheckpointInterval = config.Duration(200 * time.Millisecond)
+		c.Receipts.KMS = config.KMSConfig{Provider: "aws", KeyID: keyID, Region: "eu-west-1", Endpoint: lk.Endpoint}
+	}})
+	var keys receipt.PublishedKeys
+	if err := harness.GetJSON(s.Knhk.AdminURL()+"/v1/keys", &keys); err != nil {
+		t.Fatal(err)
+	}
+	load := harness.StartLoad(s.URL, 200, "outage")
+	size := func() uint64 {
+		var cp struct{ Size uint64 }
+		raw, err := http.Get(s.Knhk.AdminURL() + "/v1/checkpoint")
+		if err != nil {
+			return 0
+		}
+		defer raw.Body.Close()
+		var origin string
+		_, _ = fmt.Fscanf(raw.Body, "%s\n%d\n", &origin, &cp.Size)
+		return cp.Size
+	}
+	waitGrowth := func(what string) {
+		t.Helper()
+		base := size()
+		if err := harness.Poll(15*time.Second, 50*time.Millisecond, func() error {
+			if size() <= base+50 {
+				return fmt.Errorf("checkpoint stuck at %d", size())
+			}
+			return nil
+		}); err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+	}
+	waitGrowth("before the outage")
+
+	lk.Stop()
+	outageStart := len(load.Samples())
+	// Requests keep flowing and keep getting receipts while the KMS is down.
+	if err := harness.Poll(10*time.Second, 50*time.Millisecond, func() error {
+		if len(load.Samples()) < outageStart+300 {
+			return fmt.Errorf("only %d requests during the outage", len(load.Samples())-outageStart)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	stuck := size()
+	if err := lk.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	waitGrowth("after the KMS returned")
+	samples := load.Stop()
+	during := samples[outageStart:]
+	without := 0
+	for _, x := range during {
+		if x.Receipt == "" {
+			without++
+		}
+	}
+	t.Logf("%d requests during the outage, %d without a receipt; checkpoint stuck at %d, now %d", len(during), without, stuck, size())
+	if without > 0 {
+		t.Fatalf("%d responses lost their receipt during the KMS outage", without)
+	}
+	// Every receipt, including those issued during the outage, verifies.
+	for i, x := range samples {
+		if x.Receipt == "" {
+			t.Fatalf("response %d has no receipt", i)
+		}
+		if i%25 != 0 && i < len(samples)-5 {
+			continue // a sample keeps the test short; the crash test checks them all
+		}
+		var b receipt.Bundle
+		if err := harness.Poll(10*time.Second, 50*time.Millisecond, func() error {
+			return harness.GetJSON(s.Knhk.AdminURL()+"/v1/receipts/"+x.Receipt, &b)
+		}); err != nil {
+			t.Fatalf("receipt %d: %v", i, err)
+		}
+		b.Token = x.Receipt
+		if cs := receipt.Verify(b, keys); cs[len(cs)-1].Err != nil {
+			t.Fatalf("receipt %d: %s: %v", i, cs[len(cs)-1].Name, cs[len(cs)-1].Err)
+		}
+	}
+}
+
+func createKMSKey(t *testing.T, endpoint string) string {
+	t.Helper()
+	c := awskms.New(awskms.Options{Region: "eu-west-1", BaseEndpoint: aws.String(endpoint),
+		Credentials: credentials.NewStaticCredentialsProvider("test", "test", "")})
+	out, err := c.CreateKey(context.Background(), &awskms.CreateKeyInput{KeySpec: types.KeySpecEccNistP256, KeyUsage: types.KeyUsageTypeSignVerify})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return aws.ToString(out.KeyMetadata.KeyId)
 }

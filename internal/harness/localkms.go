@@ -17,6 +17,9 @@ const LocalKMSInstallHint = "run `make tools` (it runs: GOBIN=$PWD/.tools/bin go
 // LocalKMS is a running local-kms (an AWS KMS emulator).
 type LocalKMS struct {
 	Endpoint string
+	bin, dir string
+	port     int
+	logs     io.Writer
 	cmd      *exec.Cmd
 	done     chan error
 }
@@ -35,22 +38,31 @@ func StartLocalKMS(dir string, logs io.Writer) (*LocalKMS, error) {
 	if err != nil {
 		return nil, err
 	}
-	k := &LocalKMS{Endpoint: "http://127.0.0.1:" + strconv.Itoa(port), done: make(chan error, 1)}
-	k.cmd = exec.Command(bin)
-	k.cmd.Env = append(os.Environ(), "PORT="+strconv.Itoa(port), "KMS_DATA_PATH="+dir, "KMS_REGION=eu-west-1", "KMS_ACCOUNT_ID=111122223333")
-	k.cmd.Stdout, k.cmd.Stderr = logs, logs
-	if err := k.cmd.Start(); err != nil {
+	k := &LocalKMS{Endpoint: "http://127.0.0.1:" + strconv.Itoa(port), bin: bin, dir: dir, port: port, logs: logs}
+	if err := k.start(); err != nil {
 		return nil, err
 	}
-	go func() { k.done <- k.cmd.Wait() }()
-	err = Poll(10*time.Second, 20*time.Millisecond, func() error {
+	return k, nil
+}
+
+func (k *LocalKMS) start() error {
+	k.done = make(chan error, 1)
+	k.cmd = exec.Command(k.bin)
+	k.cmd.Env = append(os.Environ(), "PORT="+strconv.Itoa(k.port), "KMS_DATA_PATH="+k.dir, "KMS_REGION=eu-west-1", "KMS_ACCOUNT_ID=111122223333")
+	k.cmd.Stdout, k.cmd.Stderr = k.logs, k.logs
+	if err := k.cmd.Start(); err != nil {
+		return err
+	}
+	cmd, done := k.cmd, k.done
+	go func() { done <- cmd.Wait() }()
+	err := Poll(10*time.Second, 20*time.Millisecond, func() error {
 		select {
-		case err := <-k.done:
-			k.done <- err
+		case err := <-done:
+			done <- err
 			return fmt.Errorf("local-kms exited: %w", err)
 		default:
 		}
-		c, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(port))
+		c, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(k.port))
 		if err != nil {
 			return err
 		}
@@ -58,10 +70,13 @@ func StartLocalKMS(dir string, logs io.Writer) (*LocalKMS, error) {
 	})
 	if err != nil {
 		k.Stop()
-		return nil, err
 	}
-	return k, nil
+	return err
 }
+
+// Restart starts local-kms again on the same port and data (its keys
+// survive), after Stop.
+func (k *LocalKMS) Restart() error { return k.start() }
 
 // Stop ends local-kms.
 func (k *LocalKMS) Stop() {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/aws/retry"
+	awsconfig "github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	awskms "github.com/aws/aws-sdk-go-v2/service/kms"
 	"github.com/aws/aws-sdk-go-v2/service/kms/types"
@@ -66,6 +67,13 @@ func OpenAWS(ctx context.Context, c AWSConfig) (*AWS, error) {
 	}
 	if c.AccessKeyID != "" {
 		opts.Credentials = credentials.NewStaticCredentialsProvider(c.AccessKeyID, c.SecretAccessKey, "")
+	} else {
+		// The SDK's usual chain: environment, shared files, IMDS, IRSA.
+		dc, err := awsconfig.LoadDefaultConfig(ctx, awsconfig.WithRegion(c.Region))
+		if err != nil {
+			return nil, fmt.Errorf("aws-kms key %s: credentials: %w", c.KeyID, err)
+		}
+		opts.Credentials = dc.Credentials
 	}
 	client := awskms.New(opts)
 	cctx, cancel := context.WithTimeout(ctx, c.Timeout)

@@ -2,11 +2,17 @@ package receipt
 
 import (
 	"context"
+	"crypto/ecdsa"
 	"crypto/ed25519"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/binary"
 	"fmt"
 	"time"
 
 	"github.com/transparency-dev/formats/log"
+	fnote "github.com/transparency-dev/formats/note"
 	"github.com/transparency-dev/merkle/proof"
 	"github.com/transparency-dev/merkle/rfc6962"
 	"github.com/transparency-dev/tessera"
@@ -17,9 +23,9 @@ import (
 	"github.com/knhk/knhk/pkg/kms"
 )
 
-// NoteSigner signs C2SP checkpoints (signed notes) with a KMS key. Only
-// Ed25519 keys have a standard note signature type; ECDSA keys need the
-// cosignature types of the multi-region work.
+// NoteSigner signs C2SP checkpoints (signed notes) with a KMS key: type
+// 0x01 for Ed25519 keys, 0x02 (ECDSA P-256 over SHA-256, key id from the
+// SPKI DER, as transparency-dev/witness) for ECDSA keys.
 type NoteSigner struct {
 	name   string
 	hash   uint32
@@ -29,15 +35,25 @@ type NoteSigner struct {
 // NewNoteSigner wraps signer under the log's origin name and returns the
 // matching verifier key (the "vkey" to publish).
 func NewNoteSigner(origin string, signer kms.Signer) (*NoteSigner, string, error) {
-	pub, ok := signer.Public().(ed25519.PublicKey)
-	if signer.Algorithm() != kms.Ed25519 || !ok {
-		return nil, "", fmt.Errorf("checkpoint signer %s: %s keys cannot sign C2SP notes yet; use an Ed25519 key", signer.KeyID(), signer.Algorithm())
+	var vkey string
+	switch pub := signer.Public().(type) {
+	case ed25519.PublicKey:
+		k, err := note.NewEd25519VerifierKey(origin, pub)
+		if err != nil {
+			return nil, "", err
+		}
+		vkey = k
+	case *ecdsa.PublicKey:
+		der, err := x509.MarshalPKIXPublicKey(pub)
+		if err != nil {
+			return nil, "", err
+		}
+		h := sha256.Sum256(der)
+		vkey = fmt.Sprintf("%s+%08x+%s", origin, binary.BigEndian.Uint32(h[:4]), base64.StdEncoding.EncodeToString(append([]byte{0x02}, der...)))
+	default:
+		return nil, "", fmt.Errorf("checkpoint signer %s: %T keys cannot sign C2SP notes", signer.KeyID(), pub)
 	}
-	vkey, err := note.NewEd25519VerifierKey(origin, pub)
-	if err != nil {
-		return nil, "", err
-	}
-	v, err := note.NewVerifier(vkey)
+	v, err := fnote.NewVerifier(vkey)
 	if err != nil {
 		return nil, "", err
 	}
@@ -86,7 +102,7 @@ func OpenLog(ctx context.Context, dir string, signer *NoteSigner, vkey string, o
 	if o.CheckpointInterval == 0 {
 		o.CheckpointInterval = 5 * time.Second
 	}
-	v, err := note.NewVerifier(vkey)
+	v, err := fnote.NewVerifier(vkey)
 	if err != nil {
 		return nil, fmt.Errorf("receipt log: verifier key: %w", err)
 	}

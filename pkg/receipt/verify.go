@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/transparency-dev/formats/log"
+	fnote "github.com/transparency-dev/formats/note"
 	"golang.org/x/mod/sumdb/note"
 
 	"github.com/knhk/knhk/pkg/kms"
@@ -86,7 +87,7 @@ func Verify(b Bundle, k PublishedKeys) []Check {
 	}
 	pass("signature")
 
-	v, err := note.NewVerifier(k.LogVerifierKey)
+	v, err := fnote.NewVerifier(k.LogVerifierKey)
 	if err != nil {
 		return fail("checkpoint", fmt.Errorf("log verifier key: %w", err))
 	}
