@@ -80,6 +80,7 @@ type Log struct {
 	add      tessera.AddFn
 	reader   tessera.LogReader
 	shutdown func(context.Context) error
+	cancel   context.CancelFunc // stops tessera's background work
 	origin   string
 	verifier note.Verifier
 }
@@ -106,19 +107,24 @@ func OpenLog(ctx context.Context, dir string, signer *NoteSigner, vkey string, o
 	if err != nil {
 		return nil, fmt.Errorf("receipt log: verifier key: %w", err)
 	}
-	driver, err := posix.New(ctx, posix.Config{Path: dir})
+	// Tessera's integration and checkpointing run for as long as the
+	// appender's context: give it one that Close ends.
+	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	driver, err := posix.New(bg, posix.Config{Path: dir})
 	if err != nil {
+		cancel()
 		return nil, fmt.Errorf("receipt log %s: %w", dir, err)
 	}
 	opts := tessera.NewAppendOptions().
 		WithCheckpointSigner(signer).
 		WithBatching(o.BatchMaxSize, o.BatchMaxAge).
 		WithCheckpointInterval(o.CheckpointInterval)
-	appender, shutdown, reader, err := tessera.NewAppender(ctx, driver, opts)
+	appender, shutdown, reader, err := tessera.NewAppender(bg, driver, opts)
 	if err != nil {
+		cancel()
 		return nil, fmt.Errorf("receipt log %s: %w", dir, err)
 	}
-	return &Log{add: appender.Add, reader: reader, shutdown: shutdown, origin: signer.Name(), verifier: v}, nil
+	return &Log{add: appender.Add, reader: reader, shutdown: shutdown, cancel: cancel, origin: signer.Name(), verifier: v}, nil
 }
 
 // Append adds an encoded receipt and returns its index once it is durably
@@ -153,8 +159,11 @@ func (l *Log) InclusionProof(ctx context.Context, index, size uint64) ([][]byte,
 	return pb.InclusionProof(ctx, index)
 }
 
-// Close flushes and stops the appender.
-func (l *Log) Close(ctx context.Context) error { return l.shutdown(ctx) }
+// Close flushes and stops the appender and its background work.
+func (l *Log) Close(ctx context.Context) error {
+	defer l.cancel()
+	return l.shutdown(ctx)
+}
 
 // VerifyInclusion checks a proof of leaf at index against a root.
 func VerifyInclusion(leaf [32]byte, index, size uint64, p [][]byte, root []byte) error {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"errors"
+	"log/slog"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -161,3 +162,5 @@ func FuzzDecode(f *testing.F) {
 		}
 	})
 }
+
+func discard() *slog.Logger { return slog.New(slog.DiscardHandler) }

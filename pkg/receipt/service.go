@@ -11,6 +11,8 @@ import (
 	"sync"
 	"time"
 
+	"k8s.io/klog/v2"
+
 	"github.com/knhk/knhk/pkg/kms"
 )
 
@@ -51,6 +53,8 @@ var (
 
 // OpenService opens keys and log under dir and rebuilds the id index.
 func OpenService(ctx context.Context, dir string, cfg ServiceConfig, signer kms.Signer, logger *slog.Logger) (*Service, error) {
+	// Tessera logs through klog; send it to our structured log.
+	klog.SetSlogLogger(logger.With("component", "tessera"))
 	ns, vkey, err := NewNoteSigner(cfg.Origin, signer)
 	if err != nil {
 		return nil, err
