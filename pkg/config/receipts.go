@@ -21,10 +21,11 @@ type Receipts struct {
 // KMSConfig selects the key that signs checkpoints and certifies the
 // delegated receipt keys.
 type KMSConfig struct {
-	Provider string `yaml:"provider"` // local (default) | aws
-	KeyID    string `yaml:"key_id"`
-	Region   string `yaml:"region"`
-	Endpoint string `yaml:"endpoint"`
+	Provider string `yaml:"provider"` // local (default) | aws | vault
+	KeyID    string `yaml:"key_id"`   // aws: id/ARN/alias; vault: transit key name
+	Region   string `yaml:"region"`   // aws
+	Endpoint string `yaml:"endpoint"` // aws: KMS-compatible endpoint; vault: server address
+	Mount    string `yaml:"mount"`    // vault: transit mount (default transit); the token comes from VAULT_TOKEN
 }
 
 func defaultReceipts() Receipts {
@@ -35,12 +36,15 @@ func defaultReceipts() Receipts {
 func (r *Receipts) validate(fail failFunc) error {
 	switch r.KMS.Provider {
 	case "local":
-	case "aws":
+	case "aws", "vault":
 		if r.KMS.KeyID == "" {
-			return fail("receipts.kms.key_id", "required for the aws provider")
+			return fail("receipts.kms.key_id", "required for the %s provider", r.KMS.Provider)
+		}
+		if r.KMS.Provider == "vault" && r.KMS.Endpoint == "" {
+			return fail("receipts.kms.endpoint", "the Vault server address is required for the vault provider")
 		}
 	default:
-		return fail("receipts.kms.provider", "%q: want local or aws (azure and vault are not built yet)", r.KMS.Provider)
+		return fail("receipts.kms.provider", "%q: want local, aws or vault (azure is not built yet)", r.KMS.Provider)
 	}
 	if r.Origin == "" {
 		return fail("receipts.origin", "must not be empty")
