@@ -215,3 +215,21 @@ func (l *Log) IntegratedSize(ctx context.Context) (uint64, error) {
 }
 
 const layoutWidth = 256 // tlog-tiles entry bundle width
+
+// ConsistencyProof proves that the tree of size smaller is a prefix of the
+// tree of size larger (an append-only log never rewrites history).
+func (l *Log) ConsistencyProof(ctx context.Context, smaller, larger uint64) ([][]byte, error) {
+	if smaller > larger {
+		return nil, fmt.Errorf("consistency proof: size %d is larger than %d", smaller, larger)
+	}
+	pb, err := client.NewProofBuilder(ctx, larger, l.reader.ReadTile)
+	if err != nil {
+		return nil, err
+	}
+	return pb.ConsistencyProof(ctx, smaller, larger)
+}
+
+// VerifyConsistency checks a consistency proof between two roots.
+func VerifyConsistency(size1, size2 uint64, p [][]byte, root1, root2 []byte) error {
+	return proof.VerifyConsistency(rfc6962.DefaultHasher, size1, size2, p, root1, root2)
+}

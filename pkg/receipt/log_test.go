@@ -105,6 +105,37 @@ func TestLogAppendProveReopen(t *testing.T) {
 			}
 		}
 	}
+	// Append more, then prove the old checkpoint is a prefix of the new one.
+	for i := range 40 {
+		r := sample()
+		r.Status = uint16(i)
+		enc, _ := r.Encode()
+		if _, err := l.Append(ctx, enc); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var size2 uint64
+	var root2 []byte
+	for size2 < size+40 {
+		cp, _, err := l.Checkpoint(ctx)
+		if err == nil {
+			size2, root2 = cp.Size, cp.Hash
+		}
+		if time.Now().After(deadline.Add(10 * time.Second)) {
+			t.Fatal("no newer checkpoint")
+		}
+		time.Sleep(20 * time.Millisecond) // poll period
+	}
+	cons, err := l.ConsistencyProof(ctx, size, size2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := VerifyConsistency(size, size2, cons, root, root2); err != nil {
+		t.Fatalf("consistency %d → %d: %v", size, size2, err)
+	}
+	if err := VerifyConsistency(size, size2, cons, root2, root2); err == nil {
+		t.Fatal("consistency verified against the wrong old root")
+	}
 	if err := l.Close(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -117,7 +148,7 @@ func TestLogAppendProveReopen(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if idx != n {
-		t.Fatalf("reopened log appended at %d, want %d: entries lost or reused", idx, n)
+	if idx != n+40 {
+		t.Fatalf("reopened log appended at %d, want %d: entries lost or reused", idx, n+40)
 	}
 }
