@@ -70,6 +70,22 @@ func TestEveryResponseCarriesAVerifiableReceipt(t *testing.T) {
 			}
 		}
 	}
+	// Consistency between an early and the latest checkpoint, via the API.
+	var cons struct{ Proof [][]byte }
+	err = harness.Poll(10*time.Second, 100*time.Millisecond, func() error {
+		return harness.GetJSON(s.Knhk.AdminURL()+fmt.Sprintf("/v1/consistency?from=10&to=%d", n), &cons)
+	})
+	if err != nil || len(cons.Proof) == 0 {
+		t.Fatalf("consistency proof 10 → %d: %v %v", n, cons, err)
+	}
+	resp, err := http.Get(s.Knhk.AdminURL() + "/v1/consistency?from=10&to=x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Fatalf("bad consistency query: %d", resp.StatusCode)
+	}
 	// A forged signature (last characters of the token changed) fails.
 	tok := tokens[0]
 	forged := tok[:len(tok)-3] + map[bool]string{true: "AAA", false: "BBB"}[!strings.HasSuffix(tok, "AAA")]

@@ -4,6 +4,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"net/http"
+	"strconv"
 
 	"github.com/knhk/knhk/pkg/receipt"
 )
@@ -70,4 +71,23 @@ func (s *Server) handleKeys(w http.ResponseWriter, _ *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, k)
+}
+
+// handleConsistency serves GET /v1/consistency?from=N&to=M.
+func (s *Server) handleConsistency(w http.ResponseWriter, r *http.Request) {
+	if s.receiptsOff(w) {
+		return
+	}
+	from, err1 := strconv.ParseUint(r.URL.Query().Get("from"), 10, 64)
+	to, err2 := strconv.ParseUint(r.URL.Query().Get("to"), 10, 64)
+	if err1 != nil || err2 != nil {
+		writeJSON(w, http.StatusBadRequest, apiError{"from and to: tree sizes, whole numbers"})
+		return
+	}
+	p, err := s.receipts.Consistency(r.Context(), from, to)
+	if err != nil {
+		writeJSON(w, http.StatusBadRequest, apiError{err.Error()})
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"from": from, "to": to, "proof": p})
 }

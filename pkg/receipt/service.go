@@ -142,6 +142,19 @@ func (s *Service) Checkpoint(ctx context.Context) ([]byte, error) {
 	return raw, err
 }
 
+// Consistency proves the tree of size from is a prefix of the tree of size
+// to; to must not exceed the latest checkpoint.
+func (s *Service) Consistency(ctx context.Context, from, to uint64) ([][]byte, error) {
+	cp, _, err := s.log.Checkpoint(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if to > cp.Size || from > to {
+		return nil, fmt.Errorf("want from ≤ to ≤ %d (the latest checkpoint), got %d and %d", cp.Size, from, to)
+	}
+	return s.log.ConsistencyProof(ctx, from, to)
+}
+
 // Published is GET /v1/keys.
 func (s *Service) Published() (PublishedKeys, error) {
 	der, err := x509.MarshalPKIXPublicKey(s.signer.Public())
