@@ -40,7 +40,7 @@ func main() {
 	rounds := flag.Int("rounds", 3, "interleaved rounds per setup (the median is reported)")
 	maxRates := flag.String("max-rates", "1000,2000,3000,4000,5000,6000,8000", "rates tried when searching the highest sustained rate")
 	step := flag.Duration("step", 4*time.Second, "length of each step of the sustained-rate search")
-	only := flag.String("only", "", "run one part: latency, rollback, false-rollbacks, xds or overload (default: all)")
+	only := flag.String("only", "", "run one part: latency, rollback, false-rollbacks, xds, overload or receipts (default: all)")
 	runs := flag.Int("runs", 20, "runs for the rollback and false-rollback benchmarks")
 	flag.Parse()
 	if err := runAll(*only, *runs, func() error { return run(*rate, *dur, *rounds, parseRates(*maxRates), *step) }); err != nil {
@@ -84,6 +84,7 @@ func runAll(only string, runs int, latency func() error) error {
 		{"false-rollbacks", func() error { return falseRollbacks(bin, work, logs, runs) }},
 		{"xds", func() error { return xdsPropagation(bin, work, logs, 100) }},
 		{"overload", func() error { return overloadBench(bin, work, logs) }},
+		{"receipts", func() error { return receiptsBench(bin, work, logs) }},
 	}
 	ran := false
 	for _, p := range parts {
@@ -97,7 +98,7 @@ func runAll(only string, runs int, latency func() error) error {
 		}
 	}
 	if !ran {
-		return fmt.Errorf("--only %q: want latency, rollback, false-rollbacks, xds or overload", only)
+		return fmt.Errorf("--only %q: want latency, rollback, false-rollbacks, xds, overload or receipts", only)
 	}
 	return nil
 }

@@ -2,8 +2,12 @@ package main
 
 import (
 	"fmt"
+	"io"
+	"net/http"
 	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/knhk/knhk/internal/harness"
@@ -173,4 +177,23 @@ func xdsPropagation(bin, work string, logs *harness.LogBuffer, changes int) erro
 	fmt.Printf("\nxDS propagation (state change → Envoy ACK of the route table, delta ADS), %d changes: p50 %.2f ms, p99 %.2f ms (target p99 ≤ 100 ms)\n",
 		st.Propagations-before, st.PropagationP50, st.PropagationP99)
 	return nil
+}
+
+// promValue reads one unlabelled sample from a /metrics page.
+func promValue(adminURL, name string) (float64, error) {
+	resp, err := http.Get(adminURL + "/metrics") //nolint:gosec // loopback admin of the bench's own knhk
+	if err != nil {
+		return 0, err
+	}
+	defer func() { _ = resp.Body.Close() }()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, name+" "); ok {
+			return strconv.ParseFloat(strings.TrimSpace(rest), 64)
+		}
+	}
+	return 0, fmt.Errorf("%s not in /metrics", name)
 }

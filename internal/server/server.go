@@ -82,6 +82,15 @@ func (s *Server) openReceipts(cfg *config.Config) error {
 	if err != nil {
 		return fmt.Errorf("receipts.kms: %w", err)
 	}
+	counted := kms.NewCounting(signer)
+	s.reg.MustRegister(
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "knhk_kms_sign_calls_total",
+			Help: "Signatures asked of the KMS key (checkpoints and delegation certificates), whatever the request rate."},
+			func() float64 { return float64(counted.Calls()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "knhk_kms_sign_failures_total",
+			Help: "KMS signatures that failed (outage, throttling after retries)."},
+			func() float64 { return float64(counted.Failures()) }))
+	signer = counted
 	host, _ := os.Hostname()
 	s.receipts, err = receipt.OpenService(s.ctx, filepath.Join(cfg.DataDir, "receipts"), cfg.Receipts.ServiceConfig(host), signer, s.log)
 	if err != nil {
