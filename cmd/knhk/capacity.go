@@ -63,8 +63,12 @@ func renderCapacity(r capacity.Report, key string) string {
 		fmt.Fprintf(&b, "  %10d  %s\n", h.Count, h.Key)
 	}
 	l := r.Load
-	fmt.Fprintf(&b, "\nload\n  now %.0f req/s, average %.0f req/s over %.0f s, trend %+.1f req/s per minute, forecast in 1 h: %.0f req/s\n",
-		l.CurrentRPS, l.AverageRPS, l.WindowSeconds, l.TrendPerMin, l.ForecastRPS1h)
+	fmt.Fprintf(&b, "\nload\n  now %.0f req/s, average %.0f req/s over %.0f s", l.CurrentRPS, l.AverageRPS, l.WindowSeconds)
+	if l.WindowSeconds >= 30 {
+		fmt.Fprintf(&b, ", trend %+.1f req/s per minute, forecast in 1 h: %.0f req/s\n", l.TrendPerMin, l.ForecastRPS1h)
+	} else {
+		b.WriteString(" (a trend needs 30 s of history)\n")
+	}
 	fmt.Fprintf(&b, "\n%-6s %12s %12s %12s %14s\n", "class", "offered/s", "admitted/s", "latency ms", "concurrency")
 	for _, c := range r.Classes {
 		fmt.Fprintf(&b, "%-6s %12.1f %12.1f %12.1f %14.1f\n", c.Class, c.OfferedRPS, c.AdmittedRPS, c.MeanLatencyMs, c.ConcurrencyNeeded)

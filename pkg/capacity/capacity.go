@@ -224,15 +224,19 @@ func (t *Tracker) Report(now time.Time, limit float64, replicas int) Report {
 func (t *Tracker) classReport(c admission.Class, now time.Time) ClassReport {
 	var s classSecond
 	from := now.Unix() - int64(len(t.classes[c]))
+	first := now.Unix()
 	for _, b := range t.classes[c] {
 		if b.unix > from && b.unix < now.Unix() { // full seconds only
 			s.offered += b.offered
 			s.admitted += b.admitted
 			s.completed += b.completed
 			s.latencySum += b.latencySum
+			first = min(first, b.unix)
 		}
 	}
-	secs := float64(len(t.classes[c]) - 1)
+	// Rates over the seconds since this class was first seen in the
+	// window, not the whole window: a fresh knhk is not idle for a minute.
+	secs := math.Max(1, float64(now.Unix()-first))
 	cr := ClassReport{Class: c.String(), OfferedRPS: float64(s.offered) / secs, AdmittedRPS: float64(s.admitted) / secs}
 	if s.completed > 0 {
 		mean := s.latencySum / float64(s.completed)
@@ -244,9 +248,13 @@ func (t *Tracker) classReport(c admission.Class, now time.Time) ClassReport {
 	return cr
 }
 
+// minTrendSeconds is the history a trend needs before it is reported: a
+// start-up ramp is not growth.
+const minTrendSeconds = 30
+
 // loadTrend fits a least-squares line to the per-second counts.
 func (t *Tracker) loadTrend(now time.Time) Load {
-	l := Load{WindowSeconds: float64(len(t.load))}
+	var l Load
 	var n, sx, sy, sxx, sxy float64
 	cur := now.Unix()
 	for _, b := range t.load {
@@ -263,8 +271,9 @@ func (t *Tracker) loadTrend(now time.Time) Load {
 	if n == 0 {
 		return l
 	}
+	l.WindowSeconds = n
 	l.AverageRPS = sy / n
-	if d := n*sxx - sx*sx; n >= 2 && d != 0 {
+	if d := n*sxx - sx*sx; n >= minTrendSeconds && d != 0 {
 		slope := (n*sxy - sx*sy) / d // requests/s per second
 		icept := (sy - slope*sx) / n
 		l.TrendPerMin = slope * 60

@@ -209,3 +209,26 @@ func BenchmarkObserve(b *testing.B) {
 }
 
 var _ = hyperloglog.New14
+
+func TestFreshTrackerReportsNoTrendAndTrueRates(t *testing.T) {
+	tr := NewTracker(Config{})
+	base := time.Unix(20000, 0)
+	for s := range 10 { // ten seconds of a ramp at start-up
+		at := base.Add(time.Duration(s) * time.Second)
+		for range 100 * (s + 1) {
+			tr.Observe("/x", at)
+			tr.Offered(admission.W1, true, at)
+		}
+	}
+	r := tr.Report(base.Add(10*time.Second), 0, 0)
+	if r.Load.TrendPerMin != 0 || r.Load.ForecastRPS1h != 0 {
+		t.Fatalf("a 10 s start-up ramp reported as a trend: %+v", r.Load)
+	}
+	if r.Load.WindowSeconds != 10 {
+		t.Fatalf("history %v s, want 10", r.Load.WindowSeconds)
+	}
+	// 100+200+…+1000 = 5,500 requests over 10 s, not over the 60 s window.
+	if w1 := r.Classes[1].OfferedRPS; math.Abs(w1-550) > 1 {
+		t.Fatalf("W1 offered %.1f/s, want 550", w1)
+	}
+}
