@@ -5,6 +5,7 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -21,7 +22,9 @@ import (
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
@@ -30,6 +33,7 @@ import (
 	"github.com/knhk/knhk/pkg/canary"
 	"github.com/knhk/knhk/pkg/capacity"
 	"github.com/knhk/knhk/pkg/config"
+	"github.com/knhk/knhk/pkg/identity"
 	"github.com/knhk/knhk/pkg/kms"
 	"github.com/knhk/knhk/pkg/promotion"
 	"github.com/knhk/knhk/pkg/receipt"
@@ -64,6 +68,29 @@ type Server struct {
 	tracker  *capacity.Tracker
 	limiters [3]*admission.Limiter // by canary.Version; kept across reloads
 	receipts *receipt.Service      // nil unless receipts.enabled
+	identity identity.Source       // nil unless identity.trust_domain
+}
+
+// openIdentity opens the SVID source and exports its expiry.
+func (s *Server) openIdentity(cfg *config.Config) error {
+	src, err := identity.Open(s.ctx, identity.Options{
+		TrustDomain: spiffeid.RequireTrustDomainFromString(cfg.Identity.TrustDomain), Socket: cfg.Identity.Socket,
+		CertFile: cfg.Identity.Files.Cert, KeyFile: cfg.Identity.Files.Key, Bundle: cfg.Identity.Files.Bundle,
+	}, s.log)
+	if err != nil {
+		return err
+	}
+	s.identity = src
+	s.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "knhk_svid_expiry_seconds", Help: "Seconds until knhk's current X.509-SVID expires.",
+	}, func() float64 {
+		svid, err := src.GetX509SVID()
+		if err != nil || len(svid.Certificates) == 0 {
+			return 0
+		}
+		return time.Until(svid.Certificates[0].NotAfter).Seconds()
+	}))
+	return nil
 }
 
 // openReceipts opens the KMS signer and the receipt service.
@@ -201,11 +228,39 @@ func New(cfg config.Config, log *slog.Logger) (_ *Server, err error) {
 	s.rollout.OnDecision(s.onDecision)
 	s.m.setPhase(s.rollout.State().Phase)
 
+	var extprocTLS, xdsTLS []grpc.ServerOption
+	var adminTLSConfig *tls.Config
+	if cfg.Identity.Enabled() {
+		if err := s.openIdentity(&cfg); err != nil {
+			return nil, err
+		}
+		td := spiffeid.RequireTrustDomainFromString(cfg.Identity.TrustDomain)
+		creds := func(key string, ids []string) (*tls.Config, error) {
+			allowed, err := identity.ParseAllowed(key, td, ids)
+			if err != nil {
+				return nil, err
+			}
+			return identity.ServerTLS(s.identity, s.identity, allowed), nil
+		}
+		e, err := creds("identity.allowed.extproc", cfg.Identity.Allowed.ExtProc)
+		if err != nil {
+			return nil, err
+		}
+		x, err := creds("identity.allowed.xds", cfg.Identity.Allowed.XDS)
+		if err != nil {
+			return nil, err
+		}
+		if adminTLSConfig, err = creds("identity.allowed.admin", cfg.Identity.Allowed.Admin); err != nil {
+			return nil, err
+		}
+		extprocTLS = []grpc.ServerOption{grpc.Creds(credentials.NewTLS(e))}
+		xdsTLS = []grpc.ServerOption{grpc.Creds(credentials.NewTLS(x))}
+	}
 	s.health = health.NewServer()
-	s.grpc = grpc.NewServer(extproc.GRPCServerOptions()...)
+	s.grpc = grpc.NewServer(append(extproc.GRPCServerOptions(), extprocTLS...)...)
 	extprocv3.RegisterExternalProcessorServer(s.grpc, s.extproc)
 	healthpb.RegisterHealthServer(s.grpc, s.health)
-	s.xdsGRPC = grpc.NewServer()
+	s.xdsGRPC = grpc.NewServer(xdsTLS...)
 	s.xds.Register(s.xdsGRPC)
 	healthpb.RegisterHealthServer(s.xdsGRPC, s.health)
 
@@ -217,6 +272,9 @@ func New(cfg config.Config, log *slog.Logger) (_ *Server, err error) {
 	}
 	if s.adminLis, err = net.Listen("tcp", cfg.Listen.Admin); err != nil {
 		return nil, fmt.Errorf("listen.admin %s: %w", cfg.Listen.Admin, err)
+	}
+	if adminTLSConfig != nil {
+		s.adminLis = tls.NewListener(s.adminLis, adminTLSConfig)
 	}
 	s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 5 * time.Second}
 	return s, nil
@@ -359,6 +417,9 @@ func (s *Server) close() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		_ = s.receipts.Close(ctx)
 		cancel()
+	}
+	if s.identity != nil {
+		_ = s.identity.Close()
 	}
 }
 

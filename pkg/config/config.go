@@ -34,6 +34,7 @@ type Config struct {
 	Admission   Admission       `yaml:"admission"`
 	Capacity    Capacity        `yaml:"capacity"`
 	Receipts    Receipts        `yaml:"receipts"`
+	Identity    Identity        `yaml:"identity"`
 }
 
 // Rollout configures promotion and rollback.
@@ -340,6 +341,9 @@ func (c *Config) validate(file string) error {
 		return err
 	}
 	if err := c.Receipts.validate(fail); err != nil {
+		return err
+	}
+	if err := c.Identity.validate(fail); err != nil {
 		return err
 	}
 	if c.Envoy.RouteTimeout < 0 {

@@ -153,3 +153,19 @@ func TestPromotionConfigDefaults(t *testing.T) {
 		t.Fatalf("%+v", p)
 	}
 }
+
+func TestIdentityErrors(t *testing.T) {
+	cases := []struct{ yaml, want string }{
+		{"identity:\n  trust_domain: \"Bad Domain\"\n", "identity.trust_domain"},
+		{"identity:\n  trust_domain: example.org\n  allowed: {extproc: [\"spiffe://example.org/envoy\"], xds: [\"spiffe://other.org/envoy\"], admin: [\"spiffe://example.org/op\"]}\n", "identity.allowed.xds[0]: spiffe://other.org/envoy is not in trust domain example.org"},
+		{"identity:\n  trust_domain: example.org\n  allowed: {extproc: [\"envoy\"], xds: [\"spiffe://example.org/e\"], admin: [\"spiffe://example.org/op\"]}\n", "identity.allowed.extproc[0]: \"envoy\" is not a SPIFFE ID"},
+		{"identity:\n  trust_domain: example.org\n  allowed: {extproc: [\"spiffe://example.org/e\"], xds: [\"spiffe://example.org/e\"]}\n", "identity.allowed.admin: no SPIFFE ID allowed"},
+		{"identity:\n  trust_domain: example.org\n  files: {cert: a.pem}\n  allowed: {extproc: [\"spiffe://example.org/e\"], xds: [\"spiffe://example.org/e\"], admin: [\"spiffe://example.org/e\"]}\n", "identity.files: set cert, key and bundle together"},
+	}
+	for _, c := range cases {
+		_, err := Parse("i.yaml", []byte(c.yaml))
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%q:\n got  %v\n want %s", c.yaml, err, c.want)
+		}
+	}
+}
