@@ -139,3 +139,35 @@ func TestCommittedBootstrapIsGeneratedAndValid(t *testing.T) {
 		}
 	}
 }
+
+// TestSPIFFEBootstrapIsValid: `knhk envoy-config --spiffe` (SVID over SDS
+// from the SPIRE agent, mTLS to knhk checking its SPIFFE ID) is accepted by
+// Envoy 1.40, and refused without the identity it needs.
+func TestSPIFFEBootstrapIsValid(t *testing.T) {
+	needEnvoy(t)
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "knhk.yaml")
+	body := "identity:\n  trust_domain: example.org\n  allowed: {extproc: [\"spiffe://example.org/envoy\"], xds: [\"spiffe://example.org/envoy\"], admin: [\"spiffe://example.org/op\"]}\n"
+	if err := os.WriteFile(cfg, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, "envoy.yaml")
+	err := harness.EnvoyConfig(filepath.Join(binDir, "knhk"), cfg, out, "--spiffe",
+		"--spiffe-envoy-id", "spiffe://example.org/envoy", "--spiffe-knhk-id", "spiffe://example.org/knhk")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(out)
+	for _, want := range []string{"spire_agent", "tls_certificate_sds_secret_configs", "spiffe://example.org/knhk", "name: spiffe://example.org"} {
+		if !strings.Contains(string(b), want) {
+			t.Fatalf("SPIFFE bootstrap lacks %q", want)
+		}
+	}
+	envoy, _ := harness.EnvoyPath()
+	if o, err := exec.Command(envoy, "--mode", "validate", "-c", out, "--use-dynamic-base-id").CombinedOutput(); err != nil {
+		t.Fatalf("envoy rejects the SPIFFE bootstrap: %v\n%s", err, o)
+	}
+	if err := harness.EnvoyConfig(filepath.Join(binDir, "knhk"), filepath.Join(dir, "knhk.yaml"), out, "--spiffe"); err == nil {
+		t.Fatal("--spiffe without the IDs was accepted")
+	}
+}

@@ -33,6 +33,9 @@ type BootstrapOptions struct {
 	RouteAttribute      bool
 	PeerAttribute       bool
 	AdaptiveConcurrency bool
+	// SPIFFE, when set, makes Envoy talk mTLS to knhk with its SVID from
+	// the SPIRE agent over SDS.
+	SPIFFE *SPIFFE
 }
 
 // Bootstrap builds and validates an Envoy bootstrap: the listener and knhk's
@@ -77,6 +80,11 @@ func Bootstrap(o BootstrapOptions) (*bootstrapv3.Bootstrap, error) {
 					TrustedHeader: o.TrustedHeader, RouteAttribute: o.RouteAttribute, PeerAttribute: o.PeerAttribute, AdaptiveConcurrency: o.AdaptiveConcurrency})},
 			Clusters: []*clusterv3.Cluster{knhk, xdsCluster},
 		},
+	}
+	if o.SPIFFE != nil {
+		knhk.TransportSocket = o.SPIFFE.upstreamTLS()
+		xdsCluster.TransportSocket = o.SPIFFE.upstreamTLS()
+		b.StaticResources.Clusters = append(b.StaticResources.Clusters, o.SPIFFE.agentCluster())
 	}
 	if err := b.ValidateAll(); err != nil {
 		return nil, fmt.Errorf("generated bootstrap is invalid: %w", err)

@@ -32,6 +32,10 @@ func envoyConfig(args []string, stdout, stderr io.Writer) int {
 	baseline := fs.Bool("baseline-without-knhk", false, "benchmarks only: leave knhk out of the filter chain (Envoy alone)")
 	adaptive := fs.Bool("baseline-adaptive-concurrency", false, "benchmarks only: with --baseline-without-knhk, add Envoy's adaptive_concurrency filter")
 	xdsAPI := fs.String("xds-api", "", "delta or sotw (overrides envoy.xds_api)")
+	spiffeOn := fs.Bool("spiffe", false, "mTLS to knhk with Envoy's SVID from the SPIRE agent over SDS (needs identity.trust_domain)")
+	agentSocket := fs.String("spiffe-agent-socket", "/run/spire/agent/sds.sock", "with --spiffe: the SPIRE agent's SDS socket")
+	envoyID := fs.String("spiffe-envoy-id", "", "with --spiffe: Envoy's SPIFFE ID")
+	knhkID := fs.String("spiffe-knhk-id", "", "with --spiffe: the SPIFFE ID knhk presents")
 	var fma optionalBool
 	fs.Var(&fma, "failure-mode-allow", "serve requests when knhk is unreachable (overrides envoy.failure_mode_allow)")
 	if err := fs.Parse(args); err != nil {
@@ -55,7 +59,15 @@ func envoyConfig(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "knhk:", err)
 		return 1
 	}
-	out, err := renderBootstrap(&cfg, *baseline, *adaptive)
+	var sp *xds.SPIFFE
+	if *spiffeOn {
+		if cfg.Identity.TrustDomain == "" || *envoyID == "" || *knhkID == "" {
+			fmt.Fprintln(stderr, "knhk: --spiffe needs identity.trust_domain in the config, --spiffe-envoy-id and --spiffe-knhk-id")
+			return 2
+		}
+		sp = &xds.SPIFFE{AgentSocket: *agentSocket, EnvoyID: *envoyID, TrustDomain: cfg.Identity.TrustDomain, KnhkID: *knhkID}
+	}
+	out, err := renderBootstrap(&cfg, *baseline, *adaptive, sp)
 	if err != nil {
 		fmt.Fprintln(stderr, "knhk:", err)
 		return 1
@@ -65,7 +77,7 @@ func envoyConfig(args []string, stdout, stderr io.Writer) int {
 }
 
 // renderBootstrap returns the YAML bootstrap for a validated config.
-func renderBootstrap(cfg *config.Config, baseline, adaptive bool) ([]byte, error) {
+func renderBootstrap(cfg *config.Config, baseline, adaptive bool, sp *xds.SPIFFE) ([]byte, error) {
 	b, err := xds.Bootstrap(xds.BootstrapOptions{
 		ListenerAddress:     cfg.Envoy.ListenerAddress,
 		ListenerPort:        uint32(cfg.Envoy.ListenerPort),
@@ -80,6 +92,7 @@ func renderBootstrap(cfg *config.Config, baseline, adaptive bool) ([]byte, error
 		RouteAttribute:      usesRoutes(cfg),
 		PeerAttribute:       usesSpiffeIDs(cfg),
 		AdaptiveConcurrency: adaptive,
+		SPIFFE:              sp,
 	})
 	if err != nil {
 		return nil, err
