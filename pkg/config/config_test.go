@@ -53,7 +53,7 @@ func TestEmptyFileIsDefaults(t *testing.T) {
 }
 
 func TestErrorsNameFileKeyAndReason(t *testing.T) {
-	cases := []struct{ yaml, want string }{
+	cases := []errCase{
 		{"canary:\n  weight: 150\n", "config bad.yaml: canary.weight: weight must be between 0 and 100, got 150"},
 		{"canary:\n  wieght: 5\n", "config bad.yaml:2: canary.wieght: unknown key"},
 		{"canary:\n  weight: lots\n", "config bad.yaml:2: canary.weight: cannot unmarshal"},
@@ -70,16 +70,7 @@ func TestErrorsNameFileKeyAndReason(t *testing.T) {
 		{"- a\n- b\n", "the file must be a mapping"},
 		{"canary: [\n", "config bad.yaml: "},
 	}
-	for _, c := range cases {
-		_, err := Parse("bad.yaml", []byte(c.yaml))
-		if err == nil {
-			t.Errorf("%q accepted", c.yaml)
-			continue
-		}
-		if !strings.Contains(err.Error(), c.want) {
-			t.Errorf("%q:\n got  %v\n want %s", c.yaml, err, c.want)
-		}
-	}
+	expectErrors(t, "bad.yaml", cases)
 }
 
 func TestLoadMissingFile(t *testing.T) {
@@ -118,7 +109,7 @@ func TestGRPCAddressForEnvoy(t *testing.T) {
 }
 
 func TestRolloutAndFlagErrors(t *testing.T) {
-	cases := []struct{ yaml, want string }{
+	cases := []errCase{
 		{"rollout:\n  steps: [1, 5, 5, 100]\n", "rollout.steps[2]: 5 after 5: steps must be strictly increasing"},
 		{"rollout:\n  steps: [10, 50]\n", "rollout.steps: the last step is 50; it must be 100"},
 		{"rollout:\n  steps: [0, 100]\n", "rollout.steps[0]: 0: steps are weights in percent"},
@@ -138,12 +129,7 @@ func TestRolloutAndFlagErrors(t *testing.T) {
 		{"envoy:\n  xds_api: rest\n", "envoy.xds_api"},
 		{"listen:\n  xds: \"127.0.0.1:9002\"\n", "listen.xds: same address as listen.grpc"},
 	}
-	for _, c := range cases {
-		_, err := Parse("r.yaml", []byte(c.yaml))
-		if err == nil || !strings.Contains(err.Error(), c.want) {
-			t.Errorf("%q:\n got  %v\n want %s", c.yaml, err, c.want)
-		}
-	}
+	expectErrors(t, "r.yaml", cases)
 }
 
 func TestPromotionConfigDefaults(t *testing.T) {
@@ -155,15 +141,23 @@ func TestPromotionConfigDefaults(t *testing.T) {
 }
 
 func TestIdentityErrors(t *testing.T) {
-	cases := []struct{ yaml, want string }{
+	cases := []errCase{
 		{"identity:\n  trust_domain: \"Bad Domain\"\n", "identity.trust_domain"},
 		{"identity:\n  trust_domain: example.org\n  allowed: {extproc: [\"spiffe://example.org/envoy\"], xds: [\"spiffe://other.org/envoy\"], admin: [\"spiffe://example.org/op\"]}\n", "identity.allowed.xds[0]: spiffe://other.org/envoy is not in trust domain example.org"},
 		{"identity:\n  trust_domain: example.org\n  allowed: {extproc: [\"envoy\"], xds: [\"spiffe://example.org/e\"], admin: [\"spiffe://example.org/op\"]}\n", "identity.allowed.extproc[0]: \"envoy\" is not a SPIFFE ID"},
 		{"identity:\n  trust_domain: example.org\n  allowed: {extproc: [\"spiffe://example.org/e\"], xds: [\"spiffe://example.org/e\"]}\n", "identity.allowed.admin: no SPIFFE ID allowed"},
 		{"identity:\n  trust_domain: example.org\n  files: {cert: a.pem}\n  allowed: {extproc: [\"spiffe://example.org/e\"], xds: [\"spiffe://example.org/e\"], admin: [\"spiffe://example.org/e\"]}\n", "identity.files: set cert, key and bundle together"},
 	}
+	expectErrors(t, "i.yaml", cases)
+}
+
+type errCase = struct{ yaml, want string }
+
+// expectErrors parses each case and wants an error containing want.
+func expectErrors(t *testing.T, file string, cases []errCase) {
+	t.Helper()
 	for _, c := range cases {
-		_, err := Parse("i.yaml", []byte(c.yaml))
+		_, err := Parse(file, []byte(c.yaml))
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%q:\n got  %v\n want %s", c.yaml, err, c.want)
 		}
