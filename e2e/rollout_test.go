@@ -188,8 +188,9 @@ func TestLatencyRegressionRollsBack(t *testing.T) {
 		fastRollout([]float64{30, 60, 100}, 2*time.Second)(c)
 		c.Rollout.MinLatencySamples = 100
 	}})
-	s.Stable.SetDelay(10 * time.Millisecond)
-	s.Canary.SetDelay(30 * time.Millisecond)
+	// 3× slower, with a margin over scheduling noise on a loaded machine.
+	s.Stable.SetDelay(20 * time.Millisecond)
+	s.Canary.SetDelay(60 * time.Millisecond)
 	load := harness.StartLoad(s.URL, 500, "slow")
 	defer load.Stop()
 	mustAction(t, s, "start")

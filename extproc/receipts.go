@@ -90,7 +90,9 @@ func (s *Server) issue(st *stream, status int, decision string, resHeaders heade
 	if resHeaders != nil {
 		r.ResHeaders = headerDigest(resHeaders)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	// Generous: a receipt promised late is better than none, and Envoy's
+	// route timeout bounds the request anyway.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	tok, err := (*ip).Issue(ctx, &r)
 	if err != nil {

@@ -61,6 +61,9 @@ func KnhkConfig(o StackOptions, stable, canary string) (config.Config, error) {
 		cfg.Canary.StickyKeys = o.StickyKeys
 	}
 	cfg.DrainTimeout = config.Duration(5 * time.Second)
+	// A loaded two-core test machine can stall knhk past Envoy's default
+	// 200 ms message timeout; tests judge knhk's decisions, not that stall.
+	cfg.Envoy.MessageTimeout = config.Duration(time.Second)
 	if o.Configure != nil {
 		o.Configure(&cfg)
 	}
