@@ -182,6 +182,7 @@ func (s *Server) requestHeaders(st *stream, h *extprocv3.HttpHeaders, req *extpr
 	hs := headerView(h.GetHeaders().GetHeaders())
 	if s.receipts.Load() != nil {
 		st.facts = facts(hs)
+		st.facts.caller = attribute(req, PeerURIAttribute)
 	}
 	var key string
 	st.version, key = canary.Route(st.router, hs)

@@ -32,6 +32,7 @@ func (s *Server) SetReceipts(i Issuer) {
 // requestFacts are the parts of the request a receipt records.
 type requestFacts struct {
 	method, authority, path string
+	caller                  string // the downstream peer's SPIFFE ID, under mTLS
 	headers                 [32]byte
 }
 
@@ -79,7 +80,7 @@ func (s *Server) issue(st *stream, status int, decision string, resHeaders heade
 	r := receipt.Receipt{
 		Time: st.start.UnixNano(), Method: st.facts.method, Authority: st.facts.authority, Path: st.facts.path,
 		Status: uint16(status), DurationUs: uint64(max(0, s.now().Sub(st.start).Microseconds())),
-		Version: st.version.String(), Decision: decision, ReqHeaders: st.facts.headers,
+		Version: st.version.String(), Decision: decision, Caller: st.facts.caller, ReqHeaders: st.facts.headers,
 	}
 	if r.Version == "none" {
 		r.Version = ""

@@ -116,8 +116,12 @@ func usesRoutes(cfg *config.Config) bool {
 	return cfg.Capacity.Key == "route"
 }
 
-// usesSpiffeIDs reports whether classification needs the caller's SPIFFE ID.
+// usesSpiffeIDs reports whether classification or receipts need the
+// caller's SPIFFE ID.
 func usesSpiffeIDs(cfg *config.Config) bool {
+	if cfg.Receipts.Enabled {
+		return true
+	}
 	for _, r := range cfg.Admission.Rules {
 		if r.SpiffeID != "" {
 			return true

@@ -81,6 +81,11 @@ func (s *Server) openIdentity(cfg *config.Config) error {
 		return err
 	}
 	s.identity = src
+	margin := time.Duration(cfg.Identity.ExpiryWarning)
+	if margin == 0 {
+		margin = 10 * time.Minute
+	}
+	go identity.WatchExpiry(s.ctx, src, margin, time.Second, s.log)
 	s.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "knhk_svid_expiry_seconds", Help: "Seconds until knhk's current X.509-SVID expires.",
 	}, func() float64 {

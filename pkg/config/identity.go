@@ -12,6 +12,9 @@ type Identity struct {
 	Socket      string          `yaml:"workload_api_socket"`
 	Files       IdentityFiles   `yaml:"files"`
 	Allowed     AllowedIdentity `yaml:"allowed"`
+	// ExpiryWarning: warn when the SVID has this little time left (SPIRE
+	// rotates at half the lifetime, so this means rotation has stalled).
+	ExpiryWarning Duration `yaml:"expiry_warning"`
 }
 
 // IdentityFiles is the fallback SVID when no Workload API is reachable.
@@ -45,6 +48,9 @@ func (i *Identity) validate(fail failFunc) error {
 		if _, err := identity.ParseAllowed(key, td, ids); err != nil {
 			return fail("", "%v", err)
 		}
+	}
+	if i.ExpiryWarning < 0 {
+		return fail("identity.expiry_warning", "must not be negative")
 	}
 	f := i.Files
 	if (f.Cert != "" || f.Key != "" || f.Bundle != "") && (f.Cert == "" || f.Key == "" || f.Bundle == "") {
