@@ -30,6 +30,7 @@ func (s *Server) adminMux() *http.ServeMux {
 	mux.HandleFunc("GET /v1/receipts/{id}", s.handleReceipt)
 	mux.HandleFunc("GET /v1/checkpoint", s.handleCheckpoint)
 	mux.HandleFunc("GET /v1/keys", s.handleKeys)
+	mux.HandleFunc("POST /v1/keys/refresh", s.handleKeysRefresh)
 	mux.HandleFunc("GET /v1/consistency", s.handleConsistency)
 	mux.HandleFunc("GET /v1/xds", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, http.StatusOK, s.xds.Status()) })
 	return mux

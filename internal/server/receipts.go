@@ -73,6 +73,28 @@ func (s *Server) handleKeys(w http.ResponseWriter, _ *http.Request) {
 	writeJSON(w, http.StatusOK, k)
 }
 
+// handleKeysRefresh serves POST /v1/keys/refresh: pick up a KMS key
+// rotated in the KMS now rather than at the next receipts.kms.refresh_interval.
+func (s *Server) handleKeysRefresh(w http.ResponseWriter, r *http.Request) {
+	if s.receiptsOff(w) {
+		return
+	}
+	changed, err := s.receipts.RefreshKMS(r.Context())
+	if err != nil {
+		writeJSON(w, http.StatusBadGateway, apiError{err.Error()})
+		return
+	}
+	k, err := s.receipts.Published()
+	if err != nil {
+		writeJSON(w, http.StatusInternalServerError, apiError{err.Error()})
+		return
+	}
+	writeJSON(w, http.StatusOK, struct {
+		Changed bool `json:"changed"`
+		receipt.PublishedKeys
+	}{changed, k})
+}
+
 // handleConsistency serves GET /v1/consistency?from=N&to=M.
 func (s *Server) handleConsistency(w http.ResponseWriter, r *http.Request) {
 	if s.receiptsOff(w) {

@@ -26,10 +26,13 @@ type KMSConfig struct {
 	Region   string `yaml:"region"`   // aws
 	Endpoint string `yaml:"endpoint"` // aws: KMS-compatible endpoint; vault: server address
 	Mount    string `yaml:"mount"`    // vault: transit mount (default transit); the token comes from VAULT_TOKEN
+	// RefreshInterval: how often the key's latest version is looked up, so
+	// a rotation in the KMS is picked up while running.
+	RefreshInterval Duration `yaml:"refresh_interval"`
 }
 
 func defaultReceipts() Receipts {
-	return Receipts{KMS: KMSConfig{Provider: "local"}, Origin: "knhk.local/receipts", Region: "local",
+	return Receipts{KMS: KMSConfig{Provider: "local", RefreshInterval: Duration(time.Minute)}, Origin: "knhk.local/receipts", Region: "local",
 		CheckpointInterval: Duration(5 * time.Second), Delegation: Duration(24 * time.Hour), BatchMaxAge: Duration(5 * time.Millisecond)}
 }
 
@@ -45,6 +48,9 @@ func (r *Receipts) validate(fail failFunc) error {
 		}
 	default:
 		return fail("receipts.kms.provider", "%q: want local, aws or vault (azure is not built yet)", r.KMS.Provider)
+	}
+	if r.KMS.RefreshInterval.D() < time.Second {
+		return fail("receipts.kms.refresh_interval", "%s: at least 1s (each refresh is a KMS call)", r.KMS.RefreshInterval.D())
 	}
 	if r.Origin == "" {
 		return fail("receipts.origin", "must not be empty")
@@ -67,5 +73,5 @@ func (r *Receipts) ServiceConfig(instance string) receipt.ServiceConfig {
 		instance = r.Instance
 	}
 	return receipt.ServiceConfig{Origin: r.Origin, Region: r.Region, Instance: instance, Delegation: r.Delegation.D(),
-		CheckpointInterval: r.CheckpointInterval.D(), BatchMaxAge: r.BatchMaxAge.D()}
+		CheckpointInterval: r.CheckpointInterval.D(), BatchMaxAge: r.BatchMaxAge.D(), KMSRefresh: r.KMS.RefreshInterval.D()}
 }

@@ -37,7 +37,8 @@ type AWSConfig struct {
 // the raw message.
 type AWS struct {
 	client  *awskms.Client
-	keyARN  string
+	keyID   string // as configured: an alias follows rotation
+	keyARN  string // what it resolved to, and signs with
 	alg     Algorithm
 	pub     crypto.PublicKey
 	timeout time.Duration
@@ -75,14 +76,19 @@ func OpenAWS(ctx context.Context, c AWSConfig) (*AWS, error) {
 		}
 		opts.Credentials = dc.Credentials
 	}
-	client := awskms.New(opts)
-	cctx, cancel := context.WithTimeout(ctx, c.Timeout)
+	return resolveAWS(ctx, awskms.New(opts), c.KeyID, c.Timeout)
+}
+
+// resolveAWS reads the public half of the key keyID names now.
+func resolveAWS(ctx context.Context, client *awskms.Client, keyID string, timeout time.Duration) (*AWS, error) {
+	c := AWSConfig{KeyID: keyID}
+	cctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	out, err := client.GetPublicKey(cctx, &awskms.GetPublicKeyInput{KeyId: aws.String(c.KeyID)})
 	if err != nil {
 		return nil, fmt.Errorf("aws-kms key %s: get public key: %w", c.KeyID, err)
 	}
-	a := &AWS{client: client, keyARN: aws.ToString(out.KeyId), timeout: c.Timeout}
+	a := &AWS{client: client, keyID: keyID, keyARN: aws.ToString(out.KeyId), timeout: timeout}
 	if out.KeyUsage != types.KeyUsageTypeSignVerify {
 		return nil, fmt.Errorf("aws-kms key %s: usage %s, want SIGN_VERIFY", c.KeyID, out.KeyUsage)
 	}
@@ -121,6 +127,20 @@ func (a *AWS) Sign(ctx context.Context, msg []byte) ([]byte, error) {
 		return nil, fmt.Errorf("aws-kms key %s: sign: %w", a.keyARN, err)
 	}
 	return out.Signature, nil
+}
+
+// Latest follows an alias to the key it names now. AWS KMS does not
+// rotate asymmetric keys in place; rotating one means creating a new key
+// and moving the alias (UpdateAlias), which this picks up.
+func (a *AWS) Latest(ctx context.Context) (Signer, error) {
+	next, err := resolveAWS(ctx, a.client, a.keyID, a.timeout)
+	if err != nil {
+		return nil, err
+	}
+	if next.keyARN == a.keyARN {
+		return a, nil
+	}
+	return next, nil
 }
 
 // Public returns the key's public half.

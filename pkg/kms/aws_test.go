@@ -51,20 +51,44 @@ func TestAWSKMSAgainstLocalKMS(t *testing.T) {
 	if err := kms.Verify(s.Algorithm(), s.Public(), []byte("other"), sig); !errors.Is(err, kms.ErrBadSignature) {
 		t.Fatalf("signature verified for another message: %v", err)
 	}
-	// A second key (the "rotated" KMS key): old signatures still verify
-	// with the old public key, new ones with the new.
+	// Rotation: AWS KMS rotates asymmetric keys by moving an alias to a new
+	// key. A signer opened on the alias stays pinned until Latest follows it;
+	// old signatures keep verifying with the old public key.
+	if _, err := admin.CreateAlias(ctx, &awskms.CreateAliasInput{AliasName: aws.String("alias/knhk-receipts"), TargetKeyId: created.KeyMetadata.KeyId}); err != nil {
+		t.Fatal(err)
+	}
+	viaAlias := cfg
+	viaAlias.KeyID = "alias/knhk-receipts"
+	sa, err := kms.OpenAWS(ctx, viaAlias)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sa.KeyID() != s.KeyID() {
+		t.Fatalf("alias resolved to %s, want %s", sa.KeyID(), s.KeyID())
+	}
+	if same, err := sa.Latest(ctx); err != nil || same != kms.Signer(sa) {
+		t.Fatalf("Latest without rotation: %v, %v (want the same signer)", same, err)
+	}
 	created2, err := admin.CreateKey(ctx, &awskms.CreateKeyInput{KeySpec: types.KeySpecEccNistP256, KeyUsage: types.KeyUsageTypeSignVerify})
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg2 := cfg
-	cfg2.KeyID = aws.ToString(created2.KeyMetadata.KeyId)
-	s2, err := kms.OpenAWS(ctx, cfg2)
+	if _, err := admin.UpdateAlias(ctx, &awskms.UpdateAliasInput{AliasName: aws.String("alias/knhk-receipts"), TargetKeyId: created2.KeyMetadata.KeyId}); err != nil {
+		t.Fatal(err)
+	}
+	s2, err := sa.Latest(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s2.KeyID() == s.KeyID() {
-		t.Fatal("two keys, one id")
+	if s2.KeyID() == s.KeyID() || !strings.Contains(s2.KeyID(), aws.ToString(created2.KeyMetadata.KeyId)) {
+		t.Fatalf("after UpdateAlias, Latest is %s, want the new key %s", s2.KeyID(), aws.ToString(created2.KeyMetadata.KeyId))
+	}
+	sig2, err := s2.Sign(ctx, msg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := kms.Verify(s2.Algorithm(), s2.Public(), msg, sig2); err != nil {
+		t.Fatal(err)
 	}
 	if err := kms.Verify(s.Algorithm(), s.Public(), msg, sig); err != nil {
 		t.Fatal("old signature stopped verifying after rotation")

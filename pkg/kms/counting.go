@@ -10,11 +10,26 @@ import (
 // watched (and shown not to grow with the request rate).
 type Counting struct {
 	Signer
-	calls, failures atomic.Uint64
+	*counters
 }
 
+type counters struct{ calls, failures atomic.Uint64 }
+
 // NewCounting wraps s.
-func NewCounting(s Signer) *Counting { return &Counting{Signer: s} }
+func NewCounting(s Signer) *Counting { return &Counting{Signer: s, counters: &counters{}} }
+
+// Latest follows the wrapped key's rotation, counting on the same totals.
+func (c *Counting) Latest(ctx context.Context) (Signer, error) {
+	v, ok := c.Signer.(Versioned)
+	if !ok {
+		return c, nil
+	}
+	next, err := v.Latest(ctx)
+	if err != nil || next == c.Signer {
+		return c, err
+	}
+	return &Counting{Signer: next, counters: c.counters}, nil
+}
 
 // Sign counts and delegates.
 func (c *Counting) Sign(ctx context.Context, msg []byte) ([]byte, error) {

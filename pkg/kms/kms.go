@@ -1,7 +1,6 @@
 // Package kms is the one interface knhk signs through — checkpoints and
-// delegation certificates — and its providers. Only the local Ed25519
-// provider exists so far; AWS KMS, Azure Key Vault and Vault Transit follow
-// the same interface (issue 5).
+// delegation certificates — and its providers: a local Ed25519 key, AWS
+// KMS, Azure Key Vault and HashiCorp Vault Transit.
 package kms
 
 import (
@@ -33,6 +32,15 @@ type Signer interface {
 	KeyID() string
 	// Algorithm is the signature scheme.
 	Algorithm() Algorithm
+}
+
+// Versioned is a key that can be rotated inside the KMS (a new key version,
+// or an alias moved to a new key). A Signer stays pinned to one version, so
+// what it signs always matches the public key it published.
+type Versioned interface {
+	// Latest returns a signer pinned to the key's current version: the
+	// receiver itself when nothing changed.
+	Latest(ctx context.Context) (Signer, error)
 }
 
 // ErrBadSignature is returned by Verify when the signature does not match.

@@ -52,17 +52,30 @@ func TestVaultTransit(t *testing.T) {
 				t.Fatalf("vault verify: %v %v", s, err)
 			}
 			oldPub, oldID := v.Public(), v.KeyID()
+			if same, err := v.Latest(ctx); err != nil || same != kms.Signer(v) {
+				t.Fatalf("Latest without rotation: %v, %v (want the same signer)", same, err)
+			}
 			if err := v.Rotate(ctx); err != nil {
 				t.Fatal(err)
 			}
-			if v.KeyID() == oldID || !strings.HasSuffix(v.KeyID(), ":v2") {
-				t.Fatalf("rotation did not move to v2: %s", v.KeyID())
+			if v.KeyID() != oldID {
+				t.Fatalf("a signer moved off its pinned version: %s", v.KeyID())
 			}
-			sig2, err := v.Sign(ctx, msg)
+			nv, err := v.Latest(ctx)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if err := kms.Verify(v.Algorithm(), v.Public(), msg, sig2); err != nil {
+			if !strings.HasSuffix(nv.KeyID(), ":v2") {
+				t.Fatalf("Latest after rotation is %s, want v2", nv.KeyID())
+			}
+			if _, err := v.Sign(ctx, msg); err != nil {
+				t.Fatalf("the pinned v1 signer stopped signing after rotation: %v", err)
+			}
+			sig2, err := nv.Sign(ctx, msg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := kms.Verify(nv.Algorithm(), nv.Public(), msg, sig2); err != nil {
 				t.Fatal(err)
 			}
 			if err := kms.Verify(v.Algorithm(), oldPub, msg, sig); err != nil {

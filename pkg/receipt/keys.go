@@ -1,12 +1,9 @@
 package receipt
 
 import (
-	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -75,17 +72,12 @@ func OpenKeys(ctx context.Context, dir string, signer kms.Signer, lifetime time.
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	if b, err := os.ReadFile(k.path); err == nil {
-		dec := json.NewDecoder(bytes.NewReader(b))
-		for dec.More() {
-			var c PublishedCert
-			if err := dec.Decode(&c); err != nil {
-				return nil, fmt.Errorf("%s: %w", k.path, err)
-			}
-			k.certs = append(k.certs, FromPublished(c))
-		}
-	} else if !os.IsNotExist(err) {
+	certs, err := readJSONLines[PublishedCert](k.path)
+	if err != nil {
 		return nil, err
+	}
+	for _, c := range certs {
+		k.certs = append(k.certs, FromPublished(c))
 	}
 	if err := k.Rotate(ctx); err != nil {
 		return nil, err
@@ -103,11 +95,10 @@ func (k *Keys) Rotate(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	sc, err := Certify(ctx, k.signer, pub, k.now(), k.lifetime, k.region, k.instance)
-	if err != nil {
-		return err
-	}
-	line, err := json.Marshal(toJSON(sc))
+	k.mu.Lock()
+	signer := k.signer
+	k.mu.Unlock()
+	sc, err := Certify(ctx, signer, pub, k.now(), k.lifetime, k.region, k.instance)
 	if err != nil {
 		return err
 	}
@@ -115,20 +106,20 @@ func (k *Keys) Rotate(ctx context.Context) error {
 	defer k.mu.Unlock()
 	// Publish before use: a receipt must never carry a key id whose
 	// certificate could be lost in a crash.
-	f, err := os.OpenFile(k.path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
-	if err != nil {
+	if err := appendJSONLine(k.path, toJSON(sc)); err != nil {
 		return err
-	}
-	_, werr := f.Write(append(line, '\n'))
-	serr := f.Sync()
-	cerr := f.Close()
-	if err := errors.Join(werr, serr, cerr); err != nil {
-		return fmt.Errorf("%s: %w", k.path, err)
 	}
 	k.certs = append(k.certs, sc)
 	k.current.Store(&Delegate{Key: priv, KeyID: sc.Cert.KeyID(), Cert: sc})
 	k.log.Info("receipt signing key rotated", "key_id", fmt.Sprintf("%x", sc.Cert.KeyID()), "not_after", sc.Cert.NotAfter, "issuer", sc.Cert.Issuer)
 	return nil
+}
+
+// SetSigner makes a rotated KMS key certify the next delegated keys.
+func (k *Keys) SetSigner(s kms.Signer) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.signer = s
 }
 
 // Run rotates at 80 % of the lifetime until ctx ends; a KMS outage delays

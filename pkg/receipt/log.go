@@ -9,6 +9,8 @@ import (
 	"encoding/base64"
 	"encoding/binary"
 	"fmt"
+	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/transparency-dev/formats/log"
@@ -25,52 +27,90 @@ import (
 
 // NoteSigner signs C2SP checkpoints (signed notes) with a KMS key: type
 // 0x01 for Ed25519 keys, 0x02 (ECDSA P-256 over SHA-256, key id from the
-// SPKI DER, as transparency-dev/witness) for ECDSA keys.
+// SPKI DER, as transparency-dev/witness) for ECDSA keys. The key can be
+// swapped (KMS key rotation) while tessera is running.
 type NoteSigner struct {
-	name   string
-	hash   uint32
+	name    string
+	current atomic.Pointer[noteKey]
+	// pinned is the key whose hash KeyHash last returned: note.Sign asks
+	// KeyHash and then Sign, from tessera's one checkpoint goroutine, so a
+	// swap between the two calls cannot pair one key's hash with another's
+	// signature.
+	pinned atomic.Pointer[noteKey]
+}
+
+type noteKey struct {
 	signer kms.Signer
+	hash   uint32
+	vkey   string
+}
+
+// VerifierKey is the C2SP verifier key ("vkey") of signer's key under the
+// log's origin.
+func VerifierKey(origin string, signer kms.Signer) (string, error) {
+	switch pub := signer.Public().(type) {
+	case ed25519.PublicKey:
+		return note.NewEd25519VerifierKey(origin, pub)
+	case *ecdsa.PublicKey:
+		der, err := x509.MarshalPKIXPublicKey(pub)
+		if err != nil {
+			return "", err
+		}
+		h := sha256.Sum256(der)
+		return fmt.Sprintf("%s+%08x+%s", origin, binary.BigEndian.Uint32(h[:4]), base64.StdEncoding.EncodeToString(append([]byte{0x02}, der...))), nil
+	}
+	return "", fmt.Errorf("checkpoint signer %s: %T keys cannot sign C2SP notes", signer.KeyID(), signer.Public())
+}
+
+func newNoteKey(origin string, signer kms.Signer) (*noteKey, error) {
+	vkey, err := VerifierKey(origin, signer)
+	if err != nil {
+		return nil, err
+	}
+	v, err := fnote.NewVerifier(vkey)
+	if err != nil {
+		return nil, err
+	}
+	return &noteKey{signer: signer, hash: v.KeyHash(), vkey: vkey}, nil
 }
 
 // NewNoteSigner wraps signer under the log's origin name and returns the
 // matching verifier key (the "vkey" to publish).
 func NewNoteSigner(origin string, signer kms.Signer) (*NoteSigner, string, error) {
-	var vkey string
-	switch pub := signer.Public().(type) {
-	case ed25519.PublicKey:
-		k, err := note.NewEd25519VerifierKey(origin, pub)
-		if err != nil {
-			return nil, "", err
-		}
-		vkey = k
-	case *ecdsa.PublicKey:
-		der, err := x509.MarshalPKIXPublicKey(pub)
-		if err != nil {
-			return nil, "", err
-		}
-		h := sha256.Sum256(der)
-		vkey = fmt.Sprintf("%s+%08x+%s", origin, binary.BigEndian.Uint32(h[:4]), base64.StdEncoding.EncodeToString(append([]byte{0x02}, der...)))
-	default:
-		return nil, "", fmt.Errorf("checkpoint signer %s: %T keys cannot sign C2SP notes", signer.KeyID(), pub)
-	}
-	v, err := fnote.NewVerifier(vkey)
+	s := &NoteSigner{name: origin}
+	vkey, err := s.Use(signer)
+	return s, vkey, err
+}
+
+// Use makes signer sign the next checkpoints and returns its verifier key.
+func (s *NoteSigner) Use(signer kms.Signer) (string, error) {
+	k, err := newNoteKey(s.name, signer)
 	if err != nil {
-		return nil, "", err
+		return "", err
 	}
-	return &NoteSigner{name: origin, hash: v.KeyHash(), signer: signer}, vkey, nil
+	s.current.Store(k)
+	return k.vkey, nil
 }
 
 // Name is the log origin.
 func (s *NoteSigner) Name() string { return s.name }
 
 // KeyHash identifies the key in the note's signature lines.
-func (s *NoteSigner) KeyHash() uint32 { return s.hash }
+func (s *NoteSigner) KeyHash() uint32 {
+	k := s.current.Load()
+	s.pinned.Store(k)
+	return k.hash
+}
 
 // Sign signs the note text through the KMS.
 func (s *NoteSigner) Sign(msg []byte) ([]byte, error) {
+	k := s.pinned.Load()
+	if k == nil {
+		k = s.current.Load()
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	return s.signer.Sign(ctx, msg)
+	return k.signer.Sign(ctx, msg)
 }
 
 // Log is the durable, append-only Merkle log of receipts (tessera with its
@@ -81,8 +121,9 @@ type Log struct {
 	reader   tessera.LogReader
 	shutdown func(context.Context) error
 	cancel   context.CancelFunc // stops tessera's background work
-	origin   string
-	verifier note.Verifier
+	origin    string
+	verifiers atomic.Pointer[[]note.Verifier] // every checkpoint key ever used
+	vkeys     []string                        // their text, to skip duplicates; guarded by the caller
 }
 
 // LogOptions tune batching (the group commit) and checkpointing.
@@ -92,8 +133,9 @@ type LogOptions struct {
 	CheckpointInterval time.Duration // default 5 s: KMS signs per interval, not per request
 }
 
-// OpenLog opens (or creates) the log in dir.
-func OpenLog(ctx context.Context, dir string, signer *NoteSigner, vkey string, o LogOptions) (*Log, error) {
+// OpenLog opens (or creates) the log in dir; vkeys are the verifier keys
+// its checkpoints may be signed with (the current one and older ones).
+func OpenLog(ctx context.Context, dir string, signer *NoteSigner, vkeys []string, o LogOptions) (*Log, error) {
 	if o.BatchMaxSize == 0 {
 		o.BatchMaxSize = 256
 	}
@@ -103,9 +145,12 @@ func OpenLog(ctx context.Context, dir string, signer *NoteSigner, vkey string, o
 	if o.CheckpointInterval == 0 {
 		o.CheckpointInterval = 5 * time.Second
 	}
-	v, err := fnote.NewVerifier(vkey)
-	if err != nil {
-		return nil, fmt.Errorf("receipt log: verifier key: %w", err)
+	l := &Log{origin: signer.Name()}
+	l.verifiers.Store(&[]note.Verifier{})
+	for _, k := range vkeys {
+		if err := l.AddVerifier(k); err != nil {
+			return nil, err
+		}
 	}
 	// Tessera's integration and checkpointing run for as long as the
 	// appender's context: give it one that Close ends.
@@ -124,7 +169,24 @@ func OpenLog(ctx context.Context, dir string, signer *NoteSigner, vkey string, o
 		cancel()
 		return nil, fmt.Errorf("receipt log %s: %w", dir, err)
 	}
-	return &Log{add: appender.Add, reader: reader, shutdown: shutdown, cancel: cancel, origin: signer.Name(), verifier: v}, nil
+	l.add, l.reader, l.shutdown, l.cancel = appender.Add, reader, shutdown, cancel
+	return l, nil
+}
+
+// AddVerifier accepts checkpoints signed with vkey from now on. Callers
+// serialise it (the service does under its rotation lock).
+func (l *Log) AddVerifier(vkey string) error {
+	if slices.Contains(l.vkeys, vkey) {
+		return nil
+	}
+	v, err := fnote.NewVerifier(vkey)
+	if err != nil {
+		return fmt.Errorf("receipt log: verifier key: %w", err)
+	}
+	vs := append(slices.Clone(*l.verifiers.Load()), v)
+	l.verifiers.Store(&vs)
+	l.vkeys = append(l.vkeys, vkey)
+	return nil
 }
 
 // Append adds an encoded receipt and returns its index once it is durably
@@ -138,13 +200,34 @@ func (l *Log) Append(ctx context.Context, encoded []byte) (uint64, error) {
 	return idx.Index, nil
 }
 
-// Checkpoint returns the latest signed checkpoint, verified.
+// Checkpoint returns the latest signed checkpoint, verified with any of
+// the log's keys (the one on disk may predate a KMS key rotation).
 func (l *Log) Checkpoint(ctx context.Context) (*log.Checkpoint, []byte, error) {
-	cp, raw, _, err := client.FetchCheckpoint(ctx, l.reader.ReadCheckpoint, l.verifier, l.origin)
+	raw, err := l.reader.ReadCheckpoint(ctx)
+	if err != nil {
+		return nil, nil, fmt.Errorf("receipt log checkpoint: %w", err)
+	}
+	cp, err := openCheckpoint(raw, l.origin, *l.verifiers.Load())
 	if err != nil {
 		return nil, nil, fmt.Errorf("receipt log checkpoint: %w", err)
 	}
 	return cp, raw, nil
+}
+
+// openCheckpoint verifies a checkpoint note and parses its body.
+func openCheckpoint(raw []byte, origin string, vs []note.Verifier) (*log.Checkpoint, error) {
+	n, err := note.Open(raw, note.VerifierList(vs...))
+	if err != nil {
+		return nil, err
+	}
+	var cp log.Checkpoint
+	if _, err := cp.Unmarshal([]byte(n.Text)); err != nil {
+		return nil, err
+	}
+	if cp.Origin != origin {
+		return nil, fmt.Errorf("origin %q, want %q", cp.Origin, origin)
+	}
+	return &cp, nil
 }
 
 // InclusionProof proves leaf index in the tree of the given size.
@@ -170,9 +253,10 @@ func VerifyInclusion(leaf [32]byte, index, size uint64, p [][]byte, root []byte)
 	return proof.VerifyInclusion(rfc6962.DefaultHasher, index, size, leaf[:], p, root)
 }
 
-// Scan calls f for every entry below size, in order (to rebuild indexes).
-func (l *Log) Scan(ctx context.Context, size uint64, f func(index uint64, data []byte) error) error {
-	for i := uint64(0); i < size; {
+// ScanFrom calls f for every entry from from to below size, in order (to
+// rebuild indexes).
+func (l *Log) ScanFrom(ctx context.Context, from, size uint64, f func(index uint64, data []byte) error) error {
+	for i := from; i < size; {
 		bundleIdx := i / layoutWidth
 		b, err := client.GetEntryBundle(ctx, l.reader.ReadEntryBundle, bundleIdx, size)
 		if err != nil {

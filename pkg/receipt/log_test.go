@@ -17,7 +17,7 @@ func openTestLog(t *testing.T, dir string, signer kms.Signer) *Log {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l, err := OpenLog(context.Background(), dir, ns, vkey, LogOptions{CheckpointInterval: 200 * time.Millisecond})
+	l, err := OpenLog(context.Background(), dir, ns, []string{vkey}, LogOptions{CheckpointInterval: 200 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"k8s.io/klog/v2"
@@ -23,26 +25,38 @@ type ServiceConfig struct {
 	Delegation         time.Duration // lifetime of a delegated key (≤ 24 h)
 	CheckpointInterval time.Duration
 	BatchMaxAge        time.Duration
+	// KMSRefresh is how often a rotatable KMS key (kms.Versioned) is asked
+	// for its latest version (default 1 min; 0 uses the default).
+	KMSRefresh time.Duration
 }
 
-// Service issues receipts: it owns the delegated keys, the log and the
-// receipt-id index.
+// Service issues receipts: it owns the delegated keys, the log, the KMS
+// keys it has used and the receipt-id index.
 type Service struct {
-	cfg    ServiceConfig
-	signer kms.Signer
-	vkey   string
-	keys   *Keys
-	log    *Log
+	cfg   ServiceConfig
+	log   *slog.Logger
+	keys  *Keys
+	rlog  *Log
+	notes *NoteSigner
+	index *index
 
-	mu   sync.RWMutex
-	byID map[[16]byte]entry
+	rotate  sync.Mutex // one KMS key change at a time
+	signer  atomic.Pointer[signerBox]
+	kmsPath string
+
+	pmu       sync.RWMutex
+	published []PublishedKMSKey // every KMS key ever used, oldest first
 }
 
-// entry locates a receipt; token is kept for receipts issued by this
-// process (the inline signature exists only in the client's copy and here).
-type entry struct {
-	index uint64
-	token string
+type signerBox struct{ kms.Signer }
+
+// PublishedKMSKey is a KMS key (version) that has signed for this log,
+// kept in data_dir/receipts/kms-keys.jsonl before its first use.
+type PublishedKMSKey struct {
+	KeyID          string `json:"key_id"`
+	Algorithm      string `json:"algorithm"`
+	PublicKey      []byte `json:"public_key"` // PKIX DER
+	LogVerifierKey string `json:"log_verifier_key"`
 }
 
 // ErrNotFound and ErrNotIntegrated are the two reasons a bundle is missing.
@@ -51,39 +65,151 @@ var (
 	ErrNotIntegrated = errors.New("receipt not yet in a signed checkpoint")
 )
 
-// OpenService opens keys and log under dir and rebuilds the id index.
-func OpenService(ctx context.Context, dir string, cfg ServiceConfig, signer kms.Signer, logger *slog.Logger) (*Service, error) {
+// OpenService opens keys, log and index under dir.
+func OpenService(ctx context.Context, dir string, cfg ServiceConfig, signer kms.Signer, logger *slog.Logger) (_ *Service, err error) {
+	if cfg.KMSRefresh <= 0 {
+		cfg.KMSRefresh = time.Minute
+	}
 	// Tessera logs through klog; send it to our structured log.
 	klog.SetSlogLogger(logger.With("component", "tessera"))
-	ns, vkey, err := NewNoteSigner(cfg.Origin, signer)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	s := &Service{cfg: cfg, log: logger, kmsPath: filepath.Join(dir, "kms-keys.jsonl")}
+	if s.published, err = readJSONLines[PublishedKMSKey](s.kmsPath); err != nil {
+		return nil, err
+	}
+	if err := s.publishKMS(signer); err != nil {
+		return nil, err
+	}
+	s.signer.Store(&signerBox{signer})
+	s.notes, _, err = NewNoteSigner(cfg.Origin, signer)
 	if err != nil {
 		return nil, err
 	}
-	keys, err := OpenKeys(ctx, filepath.Join(dir, "delegations"), signer, cfg.Delegation, cfg.Region, cfg.Instance, logger)
+	if s.keys, err = OpenKeys(ctx, filepath.Join(dir, "delegations"), signer, cfg.Delegation, cfg.Region, cfg.Instance, logger); err != nil {
+		return nil, err
+	}
+	s.rlog, err = OpenLog(ctx, filepath.Join(dir, "log"), s.notes, s.verifierKeys(),
+		LogOptions{CheckpointInterval: cfg.CheckpointInterval, BatchMaxAge: cfg.BatchMaxAge})
 	if err != nil {
 		return nil, err
 	}
-	l, err := OpenLog(ctx, filepath.Join(dir, "log"), ns, vkey, LogOptions{CheckpointInterval: cfg.CheckpointInterval, BatchMaxAge: cfg.BatchMaxAge})
-	if err != nil {
+	if s.index, err = openIndex(filepath.Join(dir, "index.db")); err != nil {
+		_ = s.rlog.Close(ctx)
 		return nil, err
 	}
-	s := &Service{cfg: cfg, signer: signer, vkey: vkey, keys: keys, log: l, byID: map[[16]byte]entry{}}
-	size, err := l.IntegratedSize(ctx)
-	if err != nil {
+	if err := s.reindex(ctx); err != nil {
+		_ = s.Close(ctx)
 		return nil, err
 	}
-	err = l.Scan(ctx, size, func(i uint64, data []byte) error {
+	return s, nil
+}
+
+// reindex indexes the log's tail that a crash may have left unindexed.
+func (s *Service) reindex(ctx context.Context) error {
+	size, err := s.rlog.IntegratedSize(ctx)
+	if err != nil {
+		return err
+	}
+	from := uint64(0)
+	if top, ok, err := s.index.maxIndex(); err != nil {
+		return err
+	} else if ok && top >= reindexWindow {
+		from = top - reindexWindow
+	}
+	return s.rlog.ScanFrom(ctx, from, size, func(i uint64, data []byte) error {
 		r, err := Decode(data)
 		if err != nil {
 			return fmt.Errorf("receipt log entry %d: %w", i, err)
 		}
-		s.byID[r.ID] = entry{index: i}
+		if _, ok, err := s.index.get(r.ID); err != nil || ok {
+			return err
+		}
+		s.index.put(r.ID, indexRecord{index: i})
 		return nil
 	})
-	if err != nil {
-		return nil, err
+}
+
+// publishKMS records signer's key (if new) durably, before it signs.
+func (s *Service) publishKMS(signer kms.Signer) error {
+	s.pmu.RLock()
+	for _, k := range s.published {
+		if k.KeyID == signer.KeyID() {
+			s.pmu.RUnlock()
+			return nil
+		}
 	}
-	return s, nil
+	s.pmu.RUnlock()
+	der, err := x509.MarshalPKIXPublicKey(signer.Public())
+	if err != nil {
+		return fmt.Errorf("KMS key %s: %w", signer.KeyID(), err)
+	}
+	vkey, err := VerifierKey(s.cfg.Origin, signer)
+	if err != nil {
+		return err
+	}
+	k := PublishedKMSKey{KeyID: signer.KeyID(), Algorithm: string(signer.Algorithm()), PublicKey: der, LogVerifierKey: vkey}
+	if err := appendJSONLine(s.kmsPath, k); err != nil {
+		return err
+	}
+	s.pmu.Lock()
+	s.published = append(s.published, k)
+	s.pmu.Unlock()
+	return nil
+}
+
+func (s *Service) verifierKeys() []string {
+	s.pmu.RLock()
+	defer s.pmu.RUnlock()
+	out := make([]string, len(s.published))
+	for i, k := range s.published {
+		out[i] = k.LogVerifierKey
+	}
+	return out
+}
+
+// RefreshKMS asks a rotatable KMS key for its latest version. When it has
+// changed, the new version is published (durably) first, then signs the
+// next checkpoints and certifies a new delegated key; everything the old
+// version signed keeps verifying. It reports whether the key changed.
+func (s *Service) RefreshKMS(ctx context.Context) (bool, error) {
+	s.rotate.Lock()
+	defer s.rotate.Unlock()
+	cur := s.signer.Load().Signer
+	v, ok := cur.(kms.Versioned)
+	if !ok {
+		return false, nil
+	}
+	next, err := v.Latest(ctx)
+	if err != nil {
+		return false, fmt.Errorf("KMS key %s: latest version: %w", cur.KeyID(), err)
+	}
+	if next.KeyID() == cur.KeyID() {
+		return false, nil
+	}
+	if err := s.publishKMS(next); err != nil {
+		return false, err
+	}
+	vkey, err := VerifierKey(s.cfg.Origin, next)
+	if err != nil {
+		return false, err
+	}
+	if err := s.rlog.AddVerifier(vkey); err != nil {
+		return false, err
+	}
+	if _, err := s.notes.Use(next); err != nil {
+		return false, err
+	}
+	s.signer.Store(&signerBox{next})
+	s.keys.SetSigner(next)
+	s.log.Info("KMS key rotated: new checkpoints and delegations use the new version", "old", cur.KeyID(), "new", next.KeyID())
+	if err := s.keys.Rotate(ctx); err != nil {
+		// The current delegated key (certified by the old version) stays
+		// valid; Run retries rotation.
+		s.log.Warn("could not certify a delegated key with the new KMS key yet", "kms_key", next.KeyID(), "error", err.Error())
+	}
+	return true, nil
 }
 
 // Issue assigns an id, appends the receipt durably and returns its token.
@@ -98,74 +224,99 @@ func (s *Service) Issue(ctx context.Context, r *Receipt) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	idx, err := s.log.Append(ctx, enc)
+	idx, err := s.rlog.Append(ctx, enc)
 	if err != nil {
 		return "", err
 	}
 	d := s.keys.Current()
-	tok := Sign(r.ID, LeafHash(enc), d.KeyID, d.Key).String()
-	s.mu.Lock()
-	s.byID[r.ID] = entry{index: idx, token: tok}
-	s.mu.Unlock()
-	return tok, nil
+	tok := Sign(r.ID, LeafHash(enc), d.KeyID, d.Key)
+	s.index.put(r.ID, indexRecord{index: idx, keyID: tok.KeyID, signature: tok.Signature, signed: true})
+	return tok.String(), nil
 }
 
 // Bundle returns a receipt with its proof and the checkpoint it is in.
 func (s *Service) Bundle(ctx context.Context, id [16]byte) (Bundle, error) {
-	s.mu.RLock()
-	e, ok := s.byID[id]
-	s.mu.RUnlock()
-	idx := e.index
-	if !ok {
-		return Bundle{}, ErrNotFound
-	}
-	cp, raw, err := s.log.Checkpoint(ctx)
-	if err != nil || cp.Size <= idx {
-		return Bundle{}, ErrNotIntegrated
-	}
-	data, err := s.log.Entry(ctx, idx, cp.Size)
-	if err != nil {
-		return Bundle{}, fmt.Errorf("reading receipt %d: %w", idx, err)
-	}
-	p, err := s.log.InclusionProof(ctx, idx, cp.Size)
+	e, ok, err := s.index.get(id)
 	if err != nil {
 		return Bundle{}, err
 	}
-	// Token is empty for receipts issued before a restart: verify them
-	// with the token the client received.
-	return Bundle{Token: e.token, Receipt: data, Index: idx, Proof: p, Checkpoint: string(raw)}, nil
+	if !ok {
+		return Bundle{}, ErrNotFound
+	}
+	cp, raw, err := s.rlog.Checkpoint(ctx)
+	if err != nil || cp.Size <= e.index {
+		return Bundle{}, ErrNotIntegrated
+	}
+	data, err := s.rlog.Entry(ctx, e.index, cp.Size)
+	if err != nil {
+		return Bundle{}, fmt.Errorf("reading receipt %d: %w", e.index, err)
+	}
+	p, err := s.rlog.InclusionProof(ctx, e.index, cp.Size)
+	if err != nil {
+		return Bundle{}, err
+	}
+	b := Bundle{Receipt: data, Index: e.index, Proof: p, Checkpoint: string(raw)}
+	// A receipt indexed by a rescan after a crash has no stored signature:
+	// verify it with the token the client received.
+	if e.signed {
+		b.Token = Token{ID: id, LeafHash: LeafHash(data), KeyID: e.keyID, Signature: e.signature}.String()
+	}
+	return b, nil
 }
 
 // Checkpoint is the latest signed checkpoint note.
 func (s *Service) Checkpoint(ctx context.Context) ([]byte, error) {
-	_, raw, err := s.log.Checkpoint(ctx)
+	_, raw, err := s.rlog.Checkpoint(ctx)
 	return raw, err
 }
 
 // Consistency proves the tree of size from is a prefix of the tree of size
 // to; to must not exceed the latest checkpoint.
 func (s *Service) Consistency(ctx context.Context, from, to uint64) ([][]byte, error) {
-	cp, _, err := s.log.Checkpoint(ctx)
+	cp, _, err := s.rlog.Checkpoint(ctx)
 	if err != nil {
 		return nil, err
 	}
 	if to > cp.Size || from > to {
 		return nil, fmt.Errorf("want from ≤ to ≤ %d (the latest checkpoint), got %d and %d", cp.Size, from, to)
 	}
-	return s.log.ConsistencyProof(ctx, from, to)
+	return s.rlog.ConsistencyProof(ctx, from, to)
 }
 
 // Published is GET /v1/keys.
 func (s *Service) Published() (PublishedKeys, error) {
-	der, err := x509.MarshalPKIXPublicKey(s.signer.Public())
-	if err != nil {
-		return PublishedKeys{}, err
+	cur := s.signer.Load().Signer
+	s.pmu.RLock()
+	defer s.pmu.RUnlock()
+	out := PublishedKeys{KMS: map[string][]byte{}, Certificates: s.keys.Published()}
+	for _, k := range s.published {
+		out.KMS[k.KeyID] = k.PublicKey
+		out.LogVerifierKeys = append(out.LogVerifierKeys, k.LogVerifierKey)
+		if k.KeyID == cur.KeyID() {
+			out.LogVerifierKey = k.LogVerifierKey
+		}
 	}
-	return PublishedKeys{LogVerifierKey: s.vkey, KMS: map[string][]byte{s.signer.KeyID(): der}, Certificates: s.keys.Published()}, nil
+	return out, nil
 }
 
-// Run rotates delegated keys until ctx ends.
-func (s *Service) Run(ctx context.Context) { s.keys.Run(ctx) }
+// Run rotates delegated keys and follows KMS key rotation until ctx ends.
+func (s *Service) Run(ctx context.Context) {
+	go s.keys.Run(ctx)
+	t := time.NewTicker(s.cfg.KMSRefresh)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if _, err := s.RefreshKMS(ctx); err != nil {
+			s.log.Warn("KMS key refresh failed; checkpoints keep the current version", "error", err.Error())
+		}
+	}
+}
 
-// Close flushes the log.
-func (s *Service) Close(ctx context.Context) error { return s.log.Close(ctx) }
+// Close flushes the log and the index.
+func (s *Service) Close(ctx context.Context) error {
+	return errors.Join(s.rlog.Close(ctx), s.index.close(ctx))
+}

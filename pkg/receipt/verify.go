@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/transparency-dev/formats/log"
 	fnote "github.com/transparency-dev/formats/note"
 	"golang.org/x/mod/sumdb/note"
 
@@ -23,12 +22,14 @@ type Bundle struct {
 	Checkpoint string   `json:"checkpoint"` // C2SP signed note
 }
 
-// PublishedKeys is GET /v1/keys: the log's note verifier key, the KMS
-// public keys and every delegation certificate.
+// PublishedKeys is GET /v1/keys: the log's note verifier keys, the KMS
+// public keys and every delegation certificate — for every KMS key version
+// ever used, so receipts from before a rotation keep verifying.
 type PublishedKeys struct {
-	LogVerifierKey string            `json:"log_verifier_key"`
-	KMS            map[string][]byte `json:"kms"` // KMS key id → PKIX DER public key
-	Certificates   []PublishedCert   `json:"certificates"`
+	LogVerifierKey  string            `json:"log_verifier_key"`  // the current one
+	LogVerifierKeys []string          `json:"log_verifier_keys"` // every one, current included
+	KMS             map[string][]byte `json:"kms"`               // KMS key id → PKIX DER public key
+	Certificates    []PublishedCert   `json:"certificates"`
 }
 
 // Check is one verification step's outcome.
@@ -87,20 +88,29 @@ func Verify(b Bundle, k PublishedKeys) []Check {
 	}
 	pass("signature")
 
-	v, err := fnote.NewVerifier(k.LogVerifierKey)
-	if err != nil {
-		return fail("checkpoint", fmt.Errorf("log verifier key: %w", err))
+	var vs []note.Verifier
+	origin := ""
+	seen := map[string]bool{"": true} // note.VerifierList refuses duplicates as ambiguous
+	for _, vk := range append([]string{k.LogVerifierKey}, k.LogVerifierKeys...) {
+		if seen[vk] {
+			continue
+		}
+		seen[vk] = true
+		v, err := fnote.NewVerifier(vk)
+		if err != nil {
+			return fail("checkpoint", fmt.Errorf("log verifier key: %w", err))
+		}
+		if origin == "" {
+			origin = v.Name()
+		}
+		vs = append(vs, v)
 	}
-	n, err := note.Open([]byte(b.Checkpoint), note.VerifierList(v))
+	if len(vs) == 0 {
+		return fail("checkpoint", errors.New("no log verifier key published"))
+	}
+	cp, err := openCheckpoint([]byte(b.Checkpoint), origin, vs)
 	if err != nil {
 		return fail("checkpoint", err)
-	}
-	var cp log.Checkpoint
-	if _, err := cp.Unmarshal([]byte(n.Text)); err != nil {
-		return fail("checkpoint", err)
-	}
-	if cp.Origin != v.Name() {
-		return fail("checkpoint", fmt.Errorf("origin %q, want %q", cp.Origin, v.Name()))
 	}
 	pass("checkpoint")
 

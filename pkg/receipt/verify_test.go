@@ -29,7 +29,7 @@ func issue(t *testing.T) (Bundle, PublishedKeys) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l, err := OpenLog(ctx, filepath.Join(dir, "log"), ns, vkey, LogOptions{CheckpointInterval: 100 * time.Millisecond})
+	l, err := OpenLog(ctx, filepath.Join(dir, "log"), ns, []string{vkey}, LogOptions{CheckpointInterval: 100 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}

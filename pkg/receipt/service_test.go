@@ -1,0 +1,170 @@
+package receipt
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	vault "github.com/hashicorp/vault/api"
+
+	"github.com/knhk/knhk/internal/vaulttest"
+	"github.com/knhk/knhk/pkg/kms"
+)
+
+func openTestService(t *testing.T, dir string, signer kms.Signer) *Service {
+	t.Helper()
+	s, err := OpenService(context.Background(), dir, ServiceConfig{Origin: "test/log", Region: "r", Instance: "i",
+		Delegation: time.Hour, CheckpointInterval: 100 * time.Millisecond, BatchMaxAge: time.Millisecond}, signer, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// bundleWhenIntegrated polls until the receipt is in a signed checkpoint.
+func bundleWhenIntegrated(t *testing.T, s *Service, id [16]byte) Bundle {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		b, err := s.Bundle(context.Background(), id)
+		if err == nil {
+			return b
+		}
+		if !errors.Is(err, ErrNotIntegrated) || time.Now().After(deadline) {
+			t.Fatalf("bundle: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func mustVerify(t *testing.T, what string, b Bundle, k PublishedKeys) {
+	t.Helper()
+	checks := Verify(b, k)
+	if last := checks[len(checks)-1]; last.Err != nil || last.Name != "inclusion" {
+		t.Fatalf("%s: check %s failed: %v", what, last.Name, last.Err)
+	}
+}
+
+func issueOne(t *testing.T, s *Service) (string, Token) {
+	t.Helper()
+	r := Receipt{Time: time.Now().UnixNano(), Method: "GET", Path: "/", Status: 200}
+	tokStr, err := s.Issue(context.Background(), &r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := ParseToken(tokStr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tokStr, tok
+}
+
+// TestKMSKeyRotationAtRuntime rotates the Vault Transit key under a running
+// service: the new version is published next to the old one, certifies the
+// next delegated key and signs the next checkpoints, and receipts from
+// before the rotation keep verifying — also after a restart.
+func TestKMSKeyRotationAtRuntime(t *testing.T) {
+	srv := httptest.NewServer(vaulttest.New("root"))
+	defer srv.Close()
+	ctx := context.Background()
+	admin, err := vault.NewClient(&vault.Config{Address: srv.URL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin.SetToken("root")
+	if _, err := admin.Logical().Write("transit/keys/receipts", map[string]any{"type": "ecdsa-p256"}); err != nil {
+		t.Fatal(err)
+	}
+	v, err := kms.OpenVault(ctx, kms.VaultConfig{Address: srv.URL, Token: "root", Key: "receipts"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	s := openTestService(t, dir, v)
+	_, before := issueOne(t, s)
+	if changed, err := s.RefreshKMS(ctx); err != nil || changed {
+		t.Fatalf("refresh without rotation: changed %v, %v", changed, err)
+	}
+	if err := v.Rotate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if changed, err := s.RefreshKMS(ctx); err != nil || !changed {
+		t.Fatalf("refresh after rotation: changed %v, %v", changed, err)
+	}
+	_, after := issueOne(t, s)
+	if before.KeyID == after.KeyID {
+		t.Fatal("the delegated key was not re-certified by the new KMS key version")
+	}
+	bAfter := bundleWhenIntegrated(t, s, after.ID)
+	keys, err := s.Published()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(keys.KMS) != 2 || len(keys.LogVerifierKeys) != 2 {
+		t.Fatalf("published %d KMS keys and %d verifier keys, want both versions", len(keys.KMS), len(keys.LogVerifierKeys))
+	}
+	if _, ok := keys.KMS["vault:transit/receipts:v2"]; !ok {
+		t.Fatalf("v2 not published: %v", keys.KMS)
+	}
+	bBefore := bundleWhenIntegrated(t, s, before.ID)
+	mustVerify(t, "receipt from before the rotation", bBefore, keys)
+	mustVerify(t, "receipt from after the rotation", bAfter, keys)
+	// Only the old verifier key: the new checkpoint must not verify.
+	old := keys
+	old.LogVerifierKey, old.LogVerifierKeys = keys.LogVerifierKeys[0], keys.LogVerifierKeys[:1]
+	if checks := Verify(bAfter, old); checks[len(checks)-1].Name != "checkpoint" {
+		t.Fatalf("a checkpoint signed after rotation verified with the old key only: %v", checks[len(checks)-1])
+	}
+
+	// Restart on the new version: history and tokens come back from disk.
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	nv, err := v.Latest(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s = openTestService(t, dir, nv)
+	defer func() { _ = s.Close(ctx) }()
+	keys, _ = s.Published()
+	b := bundleWhenIntegrated(t, s, before.ID)
+	if b.Token == "" {
+		t.Fatal("bundle after restart has no token: the index lost the inline signature")
+	}
+	mustVerify(t, "pre-rotation receipt after restart", b, keys)
+}
+
+// TestIndexRebuiltAfterLoss: with the index file gone (or behind the log
+// after a crash), a restart indexes the log again; bundles are found and
+// verify with the token the client holds.
+func TestIndexRebuiltAfterLoss(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	signer, err := kms.OpenLocal(filepath.Join(dir, "kms.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := openTestService(t, dir, signer)
+	tokStr, tok := issueOne(t, s)
+	bundleWhenIntegrated(t, s, tok.ID)
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(filepath.Join(dir, "index.db")); err != nil {
+		t.Fatal(err)
+	}
+	s = openTestService(t, dir, signer)
+	defer func() { _ = s.Close(ctx) }()
+	b := bundleWhenIntegrated(t, s, tok.ID)
+	if b.Token != "" {
+		t.Fatalf("a rebuilt index invented a token %q", b.Token)
+	}
+	b.Token = tokStr
+	keys, _ := s.Published()
+	mustVerify(t, "receipt found by a rebuilt index", b, keys)
+}
