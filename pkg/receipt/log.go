@@ -117,10 +117,10 @@ func (s *NoteSigner) Sign(msg []byte) ([]byte, error) {
 // POSIX driver): entries are the canonical receipt encodings, leaves their
 // RFC 6962 hashes, checkpoints C2SP signed notes.
 type Log struct {
-	add      tessera.AddFn
-	reader   tessera.LogReader
-	shutdown func(context.Context) error
-	cancel   context.CancelFunc // stops tessera's background work
+	add       tessera.AddFn
+	reader    tessera.LogReader
+	shutdown  func(context.Context) error
+	cancel    context.CancelFunc // stops tessera's background work
 	origin    string
 	verifiers atomic.Pointer[[]note.Verifier] // every checkpoint key ever used
 	vkeys     []string                        // their text, to skip duplicates; guarded by the caller
