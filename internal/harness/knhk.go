@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,6 +20,9 @@ import (
 type Knhk struct {
 	Config     config.Config
 	ConfigPath string
+	// HTTP reaches the admin API; with identity configured it must present
+	// an SVID allowed on the admin listener (nil: http.DefaultClient).
+	HTTP       *http.Client
 	bin        string
 	logs       io.Writer
 	cmd        *exec.Cmd
@@ -35,12 +39,12 @@ func WriteConfig(path string, cfg config.Config) error {
 }
 
 // StartKnhk writes cfg into dir and starts `bin serve --config` on it.
-func StartKnhk(bin, dir string, cfg config.Config, logs io.Writer) (*Knhk, error) {
+func StartKnhk(bin, dir string, cfg config.Config, logs io.Writer, admin *http.Client) (*Knhk, error) {
 	path := filepath.Join(dir, "knhk.yaml")
 	if err := WriteConfig(path, cfg); err != nil {
 		return nil, err
 	}
-	k := &Knhk{Config: cfg, ConfigPath: path, bin: bin, logs: logs}
+	k := &Knhk{Config: cfg, ConfigPath: path, HTTP: admin, bin: bin, logs: logs}
 	return k, k.start()
 }
 
@@ -71,7 +75,33 @@ func (k *Knhk) Restart(hard bool) error {
 }
 
 // AdminURL returns the admin base URL.
-func (k *Knhk) AdminURL() string { return "http://" + k.Config.Listen.Admin }
+func (k *Knhk) AdminURL() string {
+	if k.Config.Identity.Enabled() {
+		return "https://" + k.Config.Listen.Admin
+	}
+	return "http://" + k.Config.Listen.Admin
+}
+
+// Get fetches an admin API path and fails on a non-2xx answer.
+func (k *Knhk) Get(path string) ([]byte, error) {
+	c := k.HTTP
+	if c == nil {
+		c = http.DefaultClient
+	}
+	resp, err := c.Get(k.AdminURL() + path)
+	if err != nil {
+		return nil, err
+	}
+	defer func() { _ = resp.Body.Close() }()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode/100 != 2 {
+		return b, fmt.Errorf("GET %s: %s: %s", path, resp.Status, bytes.TrimSpace(b))
+	}
+	return b, nil
+}
 
 // WaitReady polls /readyz.
 func (k *Knhk) WaitReady(timeout time.Duration) error {
@@ -82,7 +112,8 @@ func (k *Knhk) WaitReady(timeout time.Duration) error {
 			return fmt.Errorf("knhk exited: %w", err)
 		default:
 		}
-		return HTTPOK(k.AdminURL() + "/readyz")
+		_, err := k.Get("/readyz")
+		return err
 	})
 }
 

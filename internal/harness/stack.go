@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -26,6 +27,10 @@ type StackOptions struct {
 	StableAddr, CanaryAddr string
 	// Configure, when set, edits knhk's config before it is written.
 	Configure func(*config.Config)
+	// EnvoyArgs are extra `knhk envoy-config` flags (e.g. --spiffe ...).
+	EnvoyArgs []string
+	// AdminHTTP reaches knhk's admin API (an mTLS client under identity).
+	AdminHTTP *http.Client
 }
 
 // Stack is a running setup; URL is Envoy's listener.
@@ -95,13 +100,13 @@ func StartStack(o StackOptions) (_ *Stack, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if s.Knhk, err = StartKnhk(filepath.Join(o.BinDir, "knhk"), o.Dir, cfg, o.Logs); err != nil {
+	if s.Knhk, err = StartKnhk(filepath.Join(o.BinDir, "knhk"), o.Dir, cfg, o.Logs, o.AdminHTTP); err != nil {
 		return nil, err
 	}
 	if err := s.Knhk.WaitReady(20 * time.Second); err != nil {
 		return nil, fmt.Errorf("knhk not ready: %w", err)
 	}
-	if s.Envoy, err = StartEnvoyFor(o.BinDir, o.Dir, "envoy", s.Knhk.ConfigPath, cfg.Envoy.AdminPort, o.Logs); err != nil {
+	if s.Envoy, err = StartEnvoyFor(o.BinDir, o.Dir, "envoy", s.Knhk.ConfigPath, cfg.Envoy.AdminPort, o.Logs, o.EnvoyArgs...); err != nil {
 		return nil, err
 	}
 	s.URL = "http://127.0.0.1:" + strconv.Itoa(cfg.Envoy.ListenerPort)

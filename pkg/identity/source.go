@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -43,6 +44,13 @@ func Open(ctx context.Context, o Options, log *slog.Logger) (Source, error) {
 		socket = os.Getenv("SPIFFE_ENDPOINT_SOCKET")
 	}
 	haveFiles := o.CertFile != "" && o.KeyFile != "" && o.Bundle != ""
+	if path, ok := strings.CutPrefix(socket, "unix://"); ok && !haveFiles {
+		// Without fallback files, a socket that is not there is a config
+		// error now, not after the start timeout.
+		if _, err := os.Stat(path); err != nil {
+			return nil, fmt.Errorf("identity.workload_api_socket %s: %w", socket, err)
+		}
+	}
 	if socket != "" {
 		if o.StartTimeout <= 0 {
 			o.StartTimeout = 10 * time.Second
