@@ -17,7 +17,6 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/knhk/knhk/internal/harness"
@@ -43,16 +42,9 @@ type spiffeEnv struct {
 	logs    *harness.LogBuffer
 }
 
-type fixedSVID struct{ *x509svid.SVID }
-
-func (f fixedSVID) GetX509SVID() (*x509svid.SVID, error) { return f.SVID, nil }
-
 // clientTLS presents id's SVID (none when id is zero) and accepts only knhk.
 func (e *spiffeEnv) clientTLS(id spiffeid.ID) *tls.Config {
-	if id.IsZero() {
-		return tlsconfig.TLSClientConfig(e.bundles, tlsconfig.AuthorizeID(idKnhk))
-	}
-	return tlsconfig.MTLSClientConfig(fixedSVID{e.svids[id]}, e.bundles, tlsconfig.AuthorizeID(idKnhk))
+	return harness.ClientTLS(e.svids[id], e.bundles, idKnhk)
 }
 
 // startSPIFFE registers knhk and Envoy with the given SVID lifetimes, and
@@ -93,16 +85,16 @@ func startSPIFFE(t *testing.T, knhkTTL, envoyTTL time.Duration, configure func(*
 		t.Fatalf("this process got no SVIDs from the SPIRE agent: %v", err)
 	}
 	e := &spiffeEnv{spire: sp, svids: svids, bundles: bundles, logs: lg}
+	ident, envoyArgs := sp.IdentityFor(idKnhk, idEnvoy, idOperator)
 	admin := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: e.clientTLS(idOperator)}}
 	e.stack = startStack(t, harness.StackOptions{Weight: 20, Logs: lg, AdminHTTP: admin,
 		Configure: func(c *config.Config) {
-			c.Identity = config.Identity{TrustDomain: spiffeTD, Socket: "unix://" + sp.AgentSocket,
-				Allowed: config.AllowedIdentity{ExtProc: []string{idEnvoy.String()}, XDS: []string{idEnvoy.String()}, Admin: []string{idOperator.String()}}}
+			c.Identity = ident
 			if configure != nil {
 				configure(c)
 			}
 		},
-		EnvoyArgs: []string{"--spiffe", "--spiffe-agent-socket", sp.AgentSocket, "--spiffe-envoy-id", idEnvoy.String(), "--spiffe-knhk-id", idKnhk.String()},
+		EnvoyArgs: envoyArgs,
 	})
 	return e
 }
@@ -138,33 +130,6 @@ func envoySerials(e *harness.Envoy) ([]string, error) {
 		}
 	}
 	return out, nil
-}
-
-// grpcAnswers handshakes with a gRPC listener and reads: an admitted client
-// gets the server's HTTP/2 SETTINGS frame, a refused one a TLS alert.
-func grpcAnswers(addr string, cfg *tls.Config) error {
-	cfg = cfg.Clone()
-	cfg.NextProtos = []string{"h2"}
-	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: 2 * time.Second}, Config: cfg}
-	c, err := d.DialContext(context.Background(), "tcp", addr)
-	if err != nil {
-		return err
-	}
-	defer func() { _ = c.Close() }()
-	// The client preface makes the server answer (and, under TLS 1.3,
-	// makes it read and judge our certificate first).
-	if _, err := c.Write([]byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")); err != nil {
-		return err
-	}
-	_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
-	buf := make([]byte, 9)
-	if _, err := c.Read(buf); err != nil {
-		return err
-	}
-	if buf[3] != 0x04 { // frame type SETTINGS
-		return fmt.Errorf("first frame type %d, want SETTINGS", buf[3])
-	}
-	return nil
 }
 
 // TestSPIFFEWithSPIRE: Envoy gets its SVID from the SPIRE agent over SDS,
@@ -206,11 +171,11 @@ func TestSPIFFEWithSPIRE(t *testing.T) {
 	t.Run("listeners refuse IDs not allowed and clients without certificates", func(t *testing.T) {
 		grpcAddr, xdsAddr := s.Knhk.Config.Listen.GRPC, s.Knhk.Config.Listen.XDS
 		for name, addr := range map[string]string{"ext_proc": grpcAddr, "xds": xdsAddr} {
-			if err := grpcAnswers(addr, e.clientTLS(idEnvoy)); err != nil {
+			if err := harness.GRPCAnswers(addr, e.clientTLS(idEnvoy)); err != nil {
 				t.Fatalf("%s: Envoy's ID was refused: %v", name, err)
 			}
 			for _, id := range []spiffeid.ID{idIntruder, idOperator, {}} {
-				err := grpcAnswers(addr, e.clientTLS(id))
+				err := harness.GRPCAnswers(addr, e.clientTLS(id))
 				if err == nil {
 					t.Fatalf("%s admitted %q", name, id)
 				}

@@ -3,9 +3,12 @@ package harness
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,8 +19,11 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
+
+	"github.com/knhk/knhk/pkg/config"
 )
 
 // SpireInstallHint is printed when the SPIRE binaries are missing.
@@ -288,4 +294,70 @@ func (s *Spire) Close() {
 	s.agent.stop()
 	s.server.stop()
 	_ = os.RemoveAll(s.Dir)
+}
+
+// IdentityFor is knhk's identity config taking SVIDs from this agent, with
+// envoy allowed on ext_proc and xDS and admin on the admin API, and the
+// `knhk envoy-config` flags that give Envoy its SVID over SDS and make it
+// accept only knhk.
+func (s *Spire) IdentityFor(knhk, envoy, admin spiffeid.ID) (config.Identity, []string) {
+	id := config.Identity{TrustDomain: s.TrustDomain.Name(), Socket: "unix://" + s.AgentSocket,
+		Allowed: config.AllowedIdentity{ExtProc: []string{envoy.String()}, XDS: []string{envoy.String()}, Admin: []string{admin.String()}}}
+	return id, []string{"--spiffe", "--spiffe-agent-socket", s.AgentSocket, "--spiffe-envoy-id", envoy.String(), "--spiffe-knhk-id", knhk.String()}
+}
+
+// FixedSVID serves one SVID (a test client's).
+type FixedSVID struct{ *x509svid.SVID }
+
+// GetX509SVID returns the SVID.
+func (f FixedSVID) GetX509SVID() (*x509svid.SVID, error) { return f.SVID, nil }
+
+// ClientTLS presents svid (none when nil) and accepts only server.
+func ClientTLS(svid *x509svid.SVID, bundles *x509bundle.Set, server spiffeid.ID) *tls.Config {
+	if svid == nil {
+		return tlsconfig.TLSClientConfig(bundles, tlsconfig.AuthorizeID(server))
+	}
+	return tlsconfig.MTLSClientConfig(FixedSVID{svid}, bundles, tlsconfig.AuthorizeID(server))
+}
+
+// H2Preface is an HTTP/2 client preface and an empty SETTINGS frame: sent
+// on a new connection to a gRPC server, it makes the server answer with its
+// own SETTINGS (and, under TLS 1.3, judge the client certificate first).
+const H2Preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+// GRPCAnswers opens a new connection to a gRPC listener (TLS when cfg is
+// set), sends the preface and waits for the server's SETTINGS frame: an
+// admitted client gets it, a refused one a TLS alert.
+func GRPCAnswers(addr string, cfg *tls.Config) error {
+	var c net.Conn
+	var err error
+	nd := &net.Dialer{Timeout: 2 * time.Second}
+	if cfg != nil {
+		cfg = cfg.Clone()
+		cfg.NextProtos = []string{"h2"}
+		c, err = (&tls.Dialer{NetDialer: nd, Config: cfg}).DialContext(context.Background(), "tcp", addr)
+	} else {
+		c, err = nd.Dial("tcp", addr)
+	}
+	if err != nil {
+		return err
+	}
+	defer func() { _ = c.Close() }()
+	if _, err := c.Write([]byte(H2Preface)); err != nil {
+		return err
+	}
+	_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	buf := make([]byte, 9)
+	if _, err := io.ReadFull(c, buf); err != nil {
+		return err
+	}
+	if buf[3] != 0x04 {
+		return fmt.Errorf("first frame type %d, want SETTINGS", buf[3])
+	}
+	return nil
+}
+
+// AdminClient is an HTTP client for knhk's admin API over mTLS.
+func AdminClient(cfg *tls.Config) *http.Client {
+	return &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: cfg}}
 }
