@@ -44,6 +44,18 @@ func (c Clusters) version(name string) canary.Version {
 	case c.Canary:
 		return canary.Canary
 	}
+	// In Istio, istiod names the clusters: "outbound|<port>|<subset>|<host>",
+	// with DestinationRule subsets named stable and canary (envoy/istio/).
+	if rest, ok := strings.CutPrefix(name, "outbound|"); ok {
+		if parts := strings.SplitN(rest, "|", 3); len(parts) == 3 {
+			switch parts[1] {
+			case "stable":
+				return canary.Stable
+			case "canary":
+				return canary.Canary
+			}
+		}
+	}
 	return canary.None
 }
 
