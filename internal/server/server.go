@@ -105,6 +105,8 @@ func (s *Server) openReceipts(cfg *config.Config) error {
 	switch cfg.Receipts.KMS.Provider {
 	case "aws":
 		signer, err = kms.OpenAWS(s.ctx, kms.AWSConfig{KeyID: cfg.Receipts.KMS.KeyID, Region: cfg.Receipts.KMS.Region, Endpoint: cfg.Receipts.KMS.Endpoint})
+	case "azure":
+		signer, err = kms.OpenAzure(s.ctx, kms.AzureConfig{VaultURL: cfg.Receipts.KMS.Endpoint, Key: cfg.Receipts.KMS.KeyID})
 	case "vault":
 		signer, err = kms.OpenVault(s.ctx, kms.VaultConfig{Address: cfg.Receipts.KMS.Endpoint, Token: os.Getenv("VAULT_TOKEN"),
 			Mount: cfg.Receipts.KMS.Mount, Key: cfg.Receipts.KMS.KeyID})

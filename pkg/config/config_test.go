@@ -163,3 +163,16 @@ func expectErrors(t *testing.T, file string, cases []errCase) {
 		}
 	}
 }
+
+func TestReceiptsErrors(t *testing.T) {
+	cases := []errCase{
+		{"receipts:\n  kms: {provider: gcp}\n", "receipts.kms.provider: \"gcp\": want local, aws, azure or vault"},
+		{"receipts:\n  kms: {provider: aws}\n", "receipts.kms.key_id: required for the aws provider"},
+		{"receipts:\n  kms: {provider: azure, key_id: receipts, endpoint: \"http://vault\"}\n", "receipts.kms.endpoint: \"http://vault\": the azure provider needs the vault URL"},
+		{"receipts:\n  kms: {provider: vault, key_id: receipts}\n", "receipts.kms.endpoint: the Vault server address is required"},
+		{"receipts:\n  kms: {refresh_interval: 10ms}\n", "receipts.kms.refresh_interval: 10ms: at least 1s"},
+		{"receipts:\n  delegation: 48h\n", "receipts.delegation: 48h0m0s: above 0 and at most 24h0m0s"},
+		{"receipts:\n  batch_max_age: 2s\n", "receipts.batch_max_age"},
+	}
+	expectErrors(t, "rc.yaml", cases)
+}

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"strings"
 	"time"
 
 	"github.com/knhk/knhk/pkg/receipt"
@@ -21,10 +22,10 @@ type Receipts struct {
 // KMSConfig selects the key that signs checkpoints and certifies the
 // delegated receipt keys.
 type KMSConfig struct {
-	Provider string `yaml:"provider"` // local (default) | aws | vault
-	KeyID    string `yaml:"key_id"`   // aws: id/ARN/alias; vault: transit key name
+	Provider string `yaml:"provider"` // local (default) | aws | azure | vault
+	KeyID    string `yaml:"key_id"`   // aws: id/ARN/alias; azure: key name; vault: transit key name
 	Region   string `yaml:"region"`   // aws
-	Endpoint string `yaml:"endpoint"` // aws: KMS-compatible endpoint; vault: server address
+	Endpoint string `yaml:"endpoint"` // aws: KMS-compatible endpoint; azure: vault URL; vault: server address
 	Mount    string `yaml:"mount"`    // vault: transit mount (default transit); the token comes from VAULT_TOKEN
 	// RefreshInterval: how often the key's latest version is looked up, so
 	// a rotation in the KMS is picked up while running.
@@ -39,15 +40,18 @@ func defaultReceipts() Receipts {
 func (r *Receipts) validate(fail failFunc) error {
 	switch r.KMS.Provider {
 	case "local":
-	case "aws", "vault":
+	case "aws", "azure", "vault":
 		if r.KMS.KeyID == "" {
 			return fail("receipts.kms.key_id", "required for the %s provider", r.KMS.Provider)
 		}
 		if r.KMS.Provider == "vault" && r.KMS.Endpoint == "" {
 			return fail("receipts.kms.endpoint", "the Vault server address is required for the vault provider")
 		}
+		if r.KMS.Provider == "azure" && !strings.HasPrefix(r.KMS.Endpoint, "https://") {
+			return fail("receipts.kms.endpoint", "%q: the azure provider needs the vault URL (https://<vault>.vault.azure.net/)", r.KMS.Endpoint)
+		}
 	default:
-		return fail("receipts.kms.provider", "%q: want local, aws or vault (azure is not built yet)", r.KMS.Provider)
+		return fail("receipts.kms.provider", "%q: want local, aws, azure or vault", r.KMS.Provider)
 	}
 	if r.KMS.RefreshInterval.D() < time.Second {
 		return fail("receipts.kms.refresh_interval", "%s: at least 1s (each refresh is a KMS call)", r.KMS.RefreshInterval.D())
