@@ -22,11 +22,11 @@ type Knhk struct {
 	ConfigPath string
 	// HTTP reaches the admin API; with identity configured it must present
 	// an SVID allowed on the admin listener (nil: http.DefaultClient).
-	HTTP       *http.Client
-	bin        string
-	logs       io.Writer
-	cmd        *exec.Cmd
-	done       chan error
+	HTTP *http.Client
+	bin  string
+	logs io.Writer
+	cmd  *exec.Cmd
+	done chan error
 }
 
 // WriteConfig writes cfg as YAML to path.
