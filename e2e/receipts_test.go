@@ -2,8 +2,11 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -258,4 +261,110 @@ func createKMSKey(t *testing.T, endpoint string) string {
 		t.Fatal(err)
 	}
 	return aws.ToString(out.KeyMetadata.KeyId)
+}
+
+// TestKMSKeyRotationAtRuntime: the KMS key is an AWS alias; moving it to a
+// new key (how AWS rotates asymmetric keys) is picked up while knhk runs.
+// The new key is published beside the old, signs the next checkpoints and
+// certifies the next delegated key; receipts from both sides verify with
+// `knhk receipt verify`, also after a restart.
+func TestKMSKeyRotationAtRuntime(t *testing.T) {
+	lg := logs(t)
+	lk, err := harness.StartLocalKMS(t.TempDir(), lg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lk.Stop()
+	t.Setenv("AWS_ACCESS_KEY_ID", "test")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "test")
+	ctx := context.Background()
+	c := awskms.New(awskms.Options{Region: "eu-west-1", BaseEndpoint: aws.String(lk.Endpoint),
+		Credentials: credentials.NewStaticCredentialsProvider("test", "test", "")})
+	first := createKMSKey(t, lk.Endpoint)
+	if _, err := c.CreateAlias(ctx, &awskms.CreateAliasInput{AliasName: aws.String("alias/knhk"), TargetKeyId: aws.String(first)}); err != nil {
+		t.Fatal(err)
+	}
+	s := startStack(t, harness.StackOptions{Weight: 20, Logs: lg, Configure: func(c *config.Config) {
+		c.Receipts.CheckpointInterval = config.Duration(200 * time.Millisecond)
+		c.Receipts.KMS = config.KMSConfig{Provider: "aws", KeyID: "alias/knhk", Region: "eu-west-1", Endpoint: lk.Endpoint}
+	}})
+	knhk := filepath.Join(binDir, "knhk")
+	receiptNow := func(user string) string {
+		r, err := get(s.URL+"/", map[string]string{"x-user-id": user})
+		if err != nil || r.header.Get("x-knhk-receipt") == "" {
+			t.Fatalf("no receipt: %v", err)
+		}
+		return r.header.Get("x-knhk-receipt")
+	}
+	verify := func(what, tok string) {
+		t.Helper()
+		err := harness.Poll(10*time.Second, 100*time.Millisecond, func() error {
+			o, err := runCmd(knhk, "receipt", "verify", "--admin", s.Knhk.AdminURL(), tok)
+			if err != nil {
+				return fmt.Errorf("%w: %s", err, o)
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+	}
+	before := receiptNow("before-rotation")
+	verify("receipt before the rotation", before)
+
+	second := createKMSKey(t, lk.Endpoint)
+	if _, err := c.UpdateAlias(ctx, &awskms.UpdateAliasInput{AliasName: aws.String("alias/knhk"), TargetKeyId: aws.String(second)}); err != nil {
+		t.Fatal(err)
+	}
+	var refreshed struct {
+		Changed bool
+		receipt.PublishedKeys
+	}
+	if err := postJSON(s.Knhk.AdminURL()+"/v1/keys/refresh", &refreshed); err != nil {
+		t.Fatal(err)
+	}
+	if !refreshed.Changed || len(refreshed.KMS) != 2 || len(refreshed.LogVerifierKeys) != 2 {
+		t.Fatalf("after moving the alias: changed %v, %d KMS keys, %d verifier keys", refreshed.Changed, len(refreshed.KMS), len(refreshed.LogVerifierKeys))
+	}
+	var newID string
+	for id := range refreshed.KMS {
+		if strings.Contains(id, second) {
+			newID = id
+		}
+	}
+	if newID == "" {
+		t.Fatalf("the new key %s is not published: %v", second, refreshed.KMS)
+	}
+	after := receiptNow("after-rotation")
+	verify("receipt after the rotation", after)
+	// The delegated key that signed the new receipt is certified by the new KMS key.
+	var keys receipt.PublishedKeys
+	if err := harness.GetJSON(s.Knhk.AdminURL()+"/v1/keys", &keys); err != nil {
+		t.Fatal(err)
+	}
+	tok, _ := receipt.ParseToken(after)
+	for _, cert := range keys.Certificates {
+		if cert.KeyID == fmt.Sprintf("%x", tok.KeyID[:]) && cert.Issuer != newID {
+			t.Fatalf("the receipt after the rotation is certified by %s, want %s", cert.Issuer, newID)
+		}
+	}
+
+	if err := s.Knhk.Restart(false); err != nil {
+		t.Fatal(err)
+	}
+	verify("pre-rotation receipt after a restart", before)
+	verify("post-rotation receipt after a restart", after)
+}
+
+func postJSON(url string, v any) error {
+	resp, err := http.Post(url, "application/json", nil)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(resp.Body)
+		return fmt.Errorf("POST %s: %s: %s", url, resp.Status, b)
+	}
+	return json.NewDecoder(resp.Body).Decode(v)
 }

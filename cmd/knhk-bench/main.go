@@ -25,6 +25,7 @@ import (
 
 	"github.com/knhk/knhk/extproc"
 	"github.com/knhk/knhk/internal/harness"
+	"github.com/knhk/knhk/pkg/config"
 )
 
 func main() {
@@ -153,6 +154,9 @@ func run(rate int, dur time.Duration, rounds int, maxRates []int, step time.Dura
 	knhkStack, err := harness.StartStack(harness.StackOptions{
 		BinDir: bin, Dir: filepath.Join(work, "knhk"), Weight: 20, FailureModeAllow: false, Logs: logs,
 		StableAddr: up.Addr, CanaryAddr: up.Addr,
+		// The routing step alone, as the no-op server does; `--only
+		// receipts` measures what receipts add.
+		Configure: func(c *config.Config) { c.Receipts.Enabled = false },
 	})
 	if err != nil {
 		return err

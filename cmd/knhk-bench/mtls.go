@@ -51,8 +51,9 @@ func mtlsBench(bin, work string, logs *harness.LogBuffer) error {
 		return err
 	}
 	defer up.Close()
+	// Receipts off in both: the comparison isolates the transport.
 	plain, err := harness.StartStack(harness.StackOptions{BinDir: bin, Dir: filepath.Join(work, "plain"), Weight: 20, Logs: logs,
-		StableAddr: up.Addr, CanaryAddr: up.Addr})
+		StableAddr: up.Addr, CanaryAddr: up.Addr, Configure: func(c *config.Config) { c.Receipts.Enabled = false }})
 	if err != nil {
 		return err
 	}
@@ -60,7 +61,7 @@ func mtlsBench(bin, work string, logs *harness.LogBuffer) error {
 	ident, envoyArgs := sp.IdentityFor(knhkID, envoyID, envoyID)
 	admin := harness.AdminClient(clientTLS)
 	mtls, err := harness.StartStack(harness.StackOptions{BinDir: bin, Dir: filepath.Join(work, "mtls"), Weight: 20, Logs: logs,
-		StableAddr: up.Addr, CanaryAddr: up.Addr, Configure: func(c *config.Config) { c.Identity = ident },
+		StableAddr: up.Addr, CanaryAddr: up.Addr, Configure: func(c *config.Config) { c.Identity = ident; c.Receipts.Enabled = false },
 		EnvoyArgs: envoyArgs, AdminHTTP: admin})
 	if err != nil {
 		return err

@@ -23,6 +23,7 @@ func overloadBench(bin, work string, logs *harness.LogBuffer) error {
 				c.Admission.Rules = []config.ClassRule{{Class: "R1", PathPrefix: "/r1"}, {Class: "C1", PathPrefix: "/c1"}}
 				c.Envoy.RouteTimeout = config.Duration(2 * time.Second)
 				c.Envoy.MessageTimeout = config.Duration(time.Second)
+				c.Receipts.Enabled = false // admission alone, as the baselines have no receipts
 			}})
 		if err != nil {
 			return nil, err

@@ -16,7 +16,9 @@ type Receipts struct {
 	Instance           string    `yaml:"instance"`
 	CheckpointInterval Duration  `yaml:"checkpoint_interval"`
 	Delegation         Duration  `yaml:"delegation"`
-	BatchMaxAge        Duration  `yaml:"batch_max_age"`
+	// BatchMaxAge: the most a receipt, once journaled (its token already
+	// sent), waits for its Merkle-log batch.
+	BatchMaxAge Duration `yaml:"batch_max_age"`
 }
 
 // KMSConfig selects the key that signs checkpoints and certifies the
@@ -33,8 +35,8 @@ type KMSConfig struct {
 }
 
 func defaultReceipts() Receipts {
-	return Receipts{KMS: KMSConfig{Provider: "local", RefreshInterval: Duration(time.Minute)}, Origin: "knhk.local/receipts", Region: "local",
-		CheckpointInterval: Duration(5 * time.Second), Delegation: Duration(24 * time.Hour), BatchMaxAge: Duration(5 * time.Millisecond)}
+	return Receipts{Enabled: true, KMS: KMSConfig{Provider: "local", RefreshInterval: Duration(time.Minute)}, Origin: "knhk.local/receipts", Region: "local",
+		CheckpointInterval: Duration(5 * time.Second), Delegation: Duration(24 * time.Hour), BatchMaxAge: Duration(50 * time.Millisecond)}
 }
 
 func (r *Receipts) validate(fail failFunc) error {
@@ -53,7 +55,7 @@ func (r *Receipts) validate(fail failFunc) error {
 	default:
 		return fail("receipts.kms.provider", "%q: want local, aws, azure or vault", r.KMS.Provider)
 	}
-	if r.KMS.RefreshInterval.D() < time.Second {
+	if d := r.KMS.RefreshInterval.D(); d != 0 && d < time.Second { // 0: the default
 		return fail("receipts.kms.refresh_interval", "%s: at least 1s (each refresh is a KMS call)", r.KMS.RefreshInterval.D())
 	}
 	if r.Origin == "" {
@@ -66,7 +68,7 @@ func (r *Receipts) validate(fail failFunc) error {
 		return fail("receipts.delegation", "%s: above 0 and at most %s", d, receipt.MaxDelegation)
 	}
 	if d := r.BatchMaxAge.D(); d <= 0 || d > time.Second {
-		return fail("receipts.batch_max_age", "%s: above 0 and at most 1s (every receipt waits for its batch)", d)
+		return fail("receipts.batch_max_age", "%s: above 0 and at most 1s (receipts wait this long to enter the log)", d)
 	}
 	return nil
 }

@@ -128,8 +128,8 @@ type Log struct {
 
 // LogOptions tune batching (the group commit) and checkpointing.
 type LogOptions struct {
-	BatchMaxSize       uint          // default 256
-	BatchMaxAge        time.Duration // default 5 ms: the most a receipt waits for its batch
+	BatchMaxSize       uint          // default 8192
+	BatchMaxAge        time.Duration // default 50 ms: the most an entry waits for its batch
 	CheckpointInterval time.Duration // default 5 s: KMS signs per interval, not per request
 }
 
@@ -137,10 +137,10 @@ type LogOptions struct {
 // its checkpoints may be signed with (the current one and older ones).
 func OpenLog(ctx context.Context, dir string, signer *NoteSigner, vkeys []string, o LogOptions) (*Log, error) {
 	if o.BatchMaxSize == 0 {
-		o.BatchMaxSize = 256
+		o.BatchMaxSize = 8192
 	}
 	if o.BatchMaxAge == 0 {
-		o.BatchMaxAge = 5 * time.Millisecond
+		o.BatchMaxAge = 50 * time.Millisecond
 	}
 	if o.CheckpointInterval == 0 {
 		o.CheckpointInterval = 5 * time.Second
@@ -190,14 +190,22 @@ func (l *Log) AddVerifier(vkey string) error {
 }
 
 // Append adds an encoded receipt and returns its index once it is durably
-// sequenced (its batch is on disk), which is before its receipt header
-// may be returned.
+// sequenced and integrated (its batch is on disk).
 func (l *Log) Append(ctx context.Context, encoded []byte) (uint64, error) {
-	idx, err := l.add(ctx, tessera.NewEntry(encoded))()
-	if err != nil {
-		return 0, fmt.Errorf("receipt log append: %w", err)
+	return l.Enqueue(ctx, encoded)()
+}
+
+// Enqueue queues an encoded receipt for the next batch; the returned
+// function waits for its index.
+func (l *Log) Enqueue(ctx context.Context, encoded []byte) func() (uint64, error) {
+	f := l.add(ctx, tessera.NewEntry(encoded))
+	return func() (uint64, error) {
+		idx, err := f()
+		if err != nil {
+			return 0, fmt.Errorf("receipt log append: %w", err)
+		}
+		return idx.Index, nil
 	}
-	return idx.Index, nil
 }
 
 // Checkpoint returns the latest signed checkpoint, verified with any of

@@ -39,6 +39,16 @@ type Service struct {
 	rlog  *Log
 	notes *NoteSigner
 	index *index
+	wal   *wal
+
+	// Journaled receipts on their way into the log: bounded, so a stalled
+	// log pushes back on requests instead of growing memory.
+	inflight chan struct{}
+	pmuIn    sync.Mutex
+	pending  map[[16]byte]struct{}
+	bg       context.Context
+	stopBG   context.CancelFunc
+	sequence sync.WaitGroup
 
 	rotate  sync.Mutex // one KMS key change at a time
 	signer  atomic.Pointer[signerBox]
@@ -99,11 +109,79 @@ func OpenService(ctx context.Context, dir string, cfg ServiceConfig, signer kms.
 		_ = s.rlog.Close(ctx)
 		return nil, err
 	}
+	s.bg, s.stopBG = context.WithCancel(context.WithoutCancel(ctx))
+	s.inflight = make(chan struct{}, maxInflight)
+	s.pending = map[[16]byte]struct{}{}
 	if err := s.reindex(ctx); err != nil {
 		_ = s.Close(ctx)
 		return nil, err
 	}
+	if err := s.recoverJournal(ctx, filepath.Join(dir, "journal")); err != nil {
+		_ = s.Close(ctx)
+		return nil, err
+	}
 	return s, nil
+}
+
+// maxInflight bounds receipts journaled but not yet in the log.
+const maxInflight = 1 << 15
+
+// recoverJournal appends what a crash left in the journal and the log
+// lacks, then starts the journal for new receipts.
+func (s *Service) recoverJournal(ctx context.Context, dir string) error {
+	w, recs, err := openWAL(dir)
+	if err != nil {
+		return err
+	}
+	appended := 0
+	for i, p := range recs {
+		keyID, sig, enc, err := splitJournalRecord(p)
+		if err != nil {
+			return fmt.Errorf("receipt journal record %d: %w", i, err)
+		}
+		r, err := Decode(enc)
+		if err != nil {
+			return fmt.Errorf("receipt journal record %d: %w", i, err)
+		}
+		rec := indexRecord{keyID: keyID, signature: sig, signed: true}
+		if e, ok, err := s.index.get(r.ID); err != nil {
+			return err
+		} else if ok {
+			rec.index = e.index
+		} else {
+			if rec.index, err = s.rlog.Append(ctx, enc); err != nil {
+				return err
+			}
+			appended++
+		}
+		s.index.put(r.ID, rec)
+	}
+	if len(recs) > 0 {
+		s.log.Info("receipt journal recovered", "records", len(recs), "appended_to_log", appended)
+		if err := w.dropRecovered(); err != nil {
+			return err
+		}
+	}
+	s.wal = w
+	w.start()
+	return nil
+}
+
+// journalRecord is key id ‖ signature ‖ encoded receipt.
+func journalRecord(keyID [8]byte, sig [64]byte, enc []byte) []byte {
+	b := make([]byte, 0, 72+len(enc))
+	b = append(b, keyID[:]...)
+	b = append(b, sig[:]...)
+	return append(b, enc...)
+}
+
+func splitJournalRecord(p []byte) (keyID [8]byte, sig [64]byte, enc []byte, err error) {
+	if len(p) < 72 {
+		return keyID, sig, nil, fmt.Errorf("%d bytes, shorter than its header", len(p))
+	}
+	copy(keyID[:], p)
+	copy(sig[:], p[8:])
+	return keyID, sig, p[72:], nil
 }
 
 // reindex indexes the log's tail that a crash may have left unindexed.
@@ -212,7 +290,9 @@ func (s *Service) RefreshKMS(ctx context.Context) (bool, error) {
 	return true, nil
 }
 
-// Issue assigns an id, appends the receipt durably and returns its token.
+// Issue assigns an id, journals the signed receipt durably (group
+// commit) and returns its token; the receipt goes into the Merkle log
+// right after, off the request path.
 func (s *Service) Issue(ctx context.Context, r *Receipt) (string, error) {
 	if _, err := rand.Read(r.ID[:]); err != nil {
 		return "", err
@@ -224,14 +304,47 @@ func (s *Service) Issue(ctx context.Context, r *Receipt) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	idx, err := s.rlog.Append(ctx, enc)
-	if err != nil {
-		return "", err
-	}
 	d := s.keys.Current()
 	tok := Sign(r.ID, LeafHash(enc), d.KeyID, d.Key)
-	s.index.put(r.ID, indexRecord{index: idx, keyID: tok.KeyID, signature: tok.Signature, signed: true})
+	select {
+	case s.inflight <- struct{}{}:
+	case <-ctx.Done():
+		return "", fmt.Errorf("receipt log is behind (%d receipts waiting): %w", maxInflight, ctx.Err())
+	}
+	s.pmuIn.Lock()
+	s.pending[r.ID] = struct{}{}
+	s.pmuIn.Unlock()
+	seg, err := s.wal.append(journalRecord(tok.KeyID, tok.Signature, enc))
+	if err != nil {
+		s.done(r.ID)
+		return "", err
+	}
+	wait := s.rlog.Enqueue(s.bg, enc)
+	s.sequence.Add(1)
+	go s.sequenced(r.ID, tok, seg, wait)
 	return tok.String(), nil
+}
+
+// sequenced indexes a journaled receipt once the log has it and lets its
+// journal segment go. If the log fails, the record stays in the journal
+// and is appended at the next start.
+func (s *Service) sequenced(id [16]byte, tok Token, seg uint64, wait func() (uint64, error)) {
+	defer s.sequence.Done()
+	defer s.done(id)
+	idx, err := wait()
+	if err != nil {
+		s.log.Error("receipt journaled but not yet in the log; it is appended at the next start", "receipt", fmt.Sprintf("%x", id), "error", err.Error())
+		return
+	}
+	s.index.put(id, indexRecord{index: idx, keyID: tok.KeyID, signature: tok.Signature, signed: true})
+	s.wal.release(seg)
+}
+
+func (s *Service) done(id [16]byte) {
+	s.pmuIn.Lock()
+	delete(s.pending, id)
+	s.pmuIn.Unlock()
+	<-s.inflight
 }
 
 // Bundle returns a receipt with its proof and the checkpoint it is in.
@@ -241,6 +354,12 @@ func (s *Service) Bundle(ctx context.Context, id [16]byte) (Bundle, error) {
 		return Bundle{}, err
 	}
 	if !ok {
+		s.pmuIn.Lock()
+		_, journaled := s.pending[id]
+		s.pmuIn.Unlock()
+		if journaled {
+			return Bundle{}, ErrNotIntegrated
+		}
 		return Bundle{}, ErrNotFound
 	}
 	cp, raw, err := s.rlog.Checkpoint(ctx)
@@ -316,7 +435,22 @@ func (s *Service) Run(ctx context.Context) {
 	}
 }
 
-// Close flushes the log and the index.
+// Close stops taking receipts, lets journaled ones reach the log (bounded
+// by ctx; the rest stay journaled for the next start), and flushes the log
+// and the index.
 func (s *Service) Close(ctx context.Context) error {
-	return errors.Join(s.rlog.Close(ctx), s.index.close(ctx))
+	var werr error
+	if s.wal != nil {
+		werr = s.wal.close()
+		done := make(chan struct{})
+		go func() { s.sequence.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-ctx.Done():
+		}
+	}
+	if s.stopBG != nil {
+		defer s.stopBG()
+	}
+	return errors.Join(werr, s.rlog.Close(ctx), s.index.close(ctx))
 }

@@ -2,7 +2,10 @@ package receipt
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/binary"
 	"errors"
+	"hash/crc32"
 	"log/slog"
 	"net/http/httptest"
 	"os"
@@ -167,4 +170,78 @@ func TestIndexRebuiltAfterLoss(t *testing.T) {
 	b.Token = tokStr
 	keys, _ := s.Published()
 	mustVerify(t, "receipt found by a rebuilt index", b, keys)
+}
+
+// TestJournalRecoveryAfterCrash: receipts journaled (their tokens given
+// out) but not in the log when the process died are appended at the next
+// start; one already in the log is not appended twice; a torn last record
+// (its sync never returned, so no token went out) is ignored.
+func TestJournalRecoveryAfterCrash(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	signer, err := kms.OpenLocal(filepath.Join(dir, "kms.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := openTestService(t, dir, signer)
+	_, inLog := issueOne(t, s)
+	bundleWhenIntegrated(t, s, inLog.ID)
+	d := s.keys.Current()
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// What a crash leaves: a segment with the receipt already in the log,
+	// two that never reached it, and a torn record.
+	var seg []byte
+	var lost []Token
+	add := func(r *Receipt) Token {
+		enc, err := r.Encode()
+		if err != nil {
+			t.Fatal(err)
+		}
+		tok := Sign(r.ID, LeafHash(enc), d.KeyID, d.Key)
+		p := journalRecord(tok.KeyID, tok.Signature, enc)
+		seg = binary.BigEndian.AppendUint32(seg, uint32(len(p)))
+		seg = binary.BigEndian.AppendUint32(seg, crc32.Checksum(p, crcTable))
+		seg = append(seg, p...)
+		return tok
+	}
+	s = openTestService(t, dir, signer)
+	b, err := s.Bundle(ctx, inLog.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, _ := Decode(b.Receipt)
+	_ = s.Close(ctx)
+	add(&before)
+	for i := range 2 {
+		r := Receipt{Time: time.Now().UnixNano(), Method: "POST", Path: "/lost", Status: uint16(200 + i)}
+		_, _ = rand.Read(r.ID[:])
+		lost = append(lost, add(&r))
+	}
+	seg = append(seg, 0, 0, 1, 0, 1, 2) // torn: a header with no payload
+	if err := os.WriteFile(filepath.Join(dir, "journal", segmentName(7)), seg, 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	s = openTestService(t, dir, signer)
+	defer func() { _ = s.Close(ctx) }()
+	keys, _ := s.Published()
+	for _, tok := range lost {
+		b := bundleWhenIntegrated(t, s, tok.ID)
+		if b.Token != tok.String() {
+			t.Fatalf("recovered receipt's bundle has token %q, want the one the client got", b.Token)
+		}
+		mustVerify(t, "recovered receipt", b, keys)
+	}
+	cp, _, err := s.rlog.Checkpoint(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cp.Size != 3 {
+		t.Fatalf("log has %d entries, want 3: the receipt already in the log was appended again", cp.Size)
+	}
+	if left, _ := filepath.Glob(filepath.Join(dir, "journal", "wal-0000000000000007.log")); len(left) != 0 {
+		t.Fatal("the recovered segment was not removed")
+	}
 }

@@ -1,0 +1,308 @@
+package receipt
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"time"
+)
+
+// wal is the receipts' group-commit journal. A receipt is durable — and its
+// token may go to the client — once its record is in an fsynced batch here:
+// one fdatasync per group, where the Merkle log's batch costs a chain of
+// file writes, renames and syncs. Records then go into the log off the
+// request path; a segment is deleted once every record in it is in the log.
+// After a crash, the records of the remaining segments that the log lacks
+// are appended at start, before anything is served.
+//
+// Record: length (4 bytes, big endian) ‖ CRC-32C of the payload ‖ payload.
+type wal struct {
+	dir       string
+	maxRecs   int           // records per segment before a new one
+	maxAge    time.Duration // segment age before a new one
+	reqs      chan walReq
+	stop      chan struct{}
+	done      chan struct{}
+	closeOnce sync.Once
+
+	mu       sync.Mutex
+	segments map[uint64]*segment
+	cur      *segment
+	nextSeq  uint64
+	err      error // sticky: a failed write or sync poisons the journal
+}
+
+type segment struct {
+	seq     uint64
+	f       *os.File
+	records int // written
+	pending int // written and not yet in the log
+	opened  time.Time
+	sealed  bool // no more writes
+}
+
+type walReq struct {
+	payload []byte
+	done    chan walAck
+}
+
+type walAck struct {
+	seg uint64
+	err error
+}
+
+var crcTable = crc32.MakeTable(crc32.Castagnoli)
+
+const walHeader = 8
+
+func segmentName(seq uint64) string { return fmt.Sprintf("wal-%016d.log", seq) }
+
+// openWAL reads the records of existing segments (for recovery) and returns
+// them in order, with the journal ready for new records in a new segment.
+// Segments holding recovered records are removed by dropRecovered once the
+// caller has put those records in the log.
+func openWAL(dir string) (*wal, [][]byte, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, nil, err
+	}
+	names, err := filepath.Glob(filepath.Join(dir, "wal-*.log"))
+	if err != nil {
+		return nil, nil, err
+	}
+	slices.Sort(names)
+	var recovered [][]byte
+	var next uint64
+	for _, n := range names {
+		var seq uint64
+		if _, err := fmt.Sscanf(filepath.Base(n), "wal-%016d.log", &seq); err != nil {
+			return nil, nil, fmt.Errorf("receipt journal: unexpected file %s", n)
+		}
+		next = max(next, seq+1)
+		recs, err := readSegment(n)
+		if err != nil {
+			return nil, nil, err
+		}
+		recovered = append(recovered, recs...)
+	}
+	w := &wal{dir: dir, maxRecs: 1 << 14, maxAge: time.Second, reqs: make(chan walReq, 4096),
+		stop: make(chan struct{}), done: make(chan struct{}), segments: map[uint64]*segment{}, nextSeq: next}
+	return w, recovered, nil
+}
+
+// readSegment returns a segment's records. A torn or corrupt tail — a
+// batch whose fdatasync never returned, so no token was given for it — ends
+// the segment.
+func readSegment(path string) ([][]byte, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("receipt journal: %w", err)
+	}
+	var out [][]byte
+	for len(b) >= walHeader {
+		n := binary.BigEndian.Uint32(b)
+		sum := binary.BigEndian.Uint32(b[4:])
+		if uint64(n) > uint64(len(b)-walHeader) {
+			break
+		}
+		p := b[walHeader : walHeader+int(n)]
+		if crc32.Checksum(p, crcTable) != sum {
+			break
+		}
+		out = append(out, slices.Clone(p))
+		b = b[walHeader+int(n):]
+	}
+	return out, nil
+}
+
+// dropRecovered removes the segments read at open: their records are in
+// the log now.
+func (w *wal) dropRecovered() error {
+	names, err := filepath.Glob(filepath.Join(w.dir, "wal-*.log"))
+	if err != nil {
+		return err
+	}
+	for _, n := range names {
+		var seq uint64
+		if _, err := fmt.Sscanf(filepath.Base(n), "wal-%016d.log", &seq); err == nil && seq < w.nextSeq {
+			if err := os.Remove(n); err != nil {
+				return err
+			}
+		}
+	}
+	return syncDir(w.dir)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	serr := d.Sync()
+	return errors.Join(serr, d.Close())
+}
+
+// start runs the committer.
+func (w *wal) start() { go w.commitLoop() }
+
+// append journals payload and returns, once it is on disk, the segment
+// holding it (to release when the record is in the log).
+func (w *wal) append(payload []byte) (uint64, error) {
+	done := make(chan walAck, 1)
+	select {
+	case w.reqs <- walReq{payload: payload, done: done}:
+	case <-w.stop:
+		return 0, errors.New("receipt journal closed")
+	}
+	a := <-done
+	return a.seg, a.err
+}
+
+// commitLoop writes whatever has queued as one batch and syncs it: while
+// one sync runs, the next batch gathers.
+func (w *wal) commitLoop() {
+	defer close(w.done)
+	var batch []walReq
+	var buf []byte
+	for {
+		batch = batch[:0]
+		select {
+		case r := <-w.reqs:
+			batch = append(batch, r)
+		case <-w.stop:
+			// Answer whatever queued meanwhile: no token goes out for it.
+			for {
+				select {
+				case r := <-w.reqs:
+					r.done <- walAck{err: errors.New("receipt journal closed")}
+				default:
+					return
+				}
+			}
+		}
+	gather:
+		for len(batch) < 8192 {
+			select {
+			case r := <-w.reqs:
+				batch = append(batch, r)
+			default:
+				break gather
+			}
+		}
+		buf = buf[:0]
+		for _, r := range batch {
+			buf = binary.BigEndian.AppendUint32(buf, uint32(len(r.payload)))
+			buf = binary.BigEndian.AppendUint32(buf, crc32.Checksum(r.payload, crcTable))
+			buf = append(buf, r.payload...)
+		}
+		seg, err := w.write(buf, len(batch))
+		for _, r := range batch {
+			r.done <- walAck{seg: seg, err: err}
+		}
+	}
+}
+
+// write appends a batch to the current segment (opening a new one when it
+// is full or old) and syncs it.
+func (w *wal) write(buf []byte, n int) (uint64, error) {
+	w.mu.Lock()
+	if w.err != nil {
+		w.mu.Unlock()
+		return 0, w.err
+	}
+	if w.cur == nil || w.cur.records >= w.maxRecs || time.Since(w.cur.opened) > w.maxAge {
+		if err := w.rotateLocked(); err != nil {
+			w.err = fmt.Errorf("receipt journal: %w", err)
+			w.mu.Unlock()
+			return 0, w.err
+		}
+	}
+	seg := w.cur
+	seg.records += n
+	seg.pending += n
+	w.mu.Unlock()
+	// Only this goroutine writes, so the file needs no lock.
+	_, err := seg.f.Write(buf)
+	if err == nil {
+		err = seg.f.Sync()
+	}
+	if err != nil {
+		w.mu.Lock()
+		w.err = fmt.Errorf("receipt journal %s: %w", seg.f.Name(), err)
+		w.mu.Unlock()
+		return 0, w.err
+	}
+	return seg.seq, nil
+}
+
+func (w *wal) rotateLocked() error {
+	if w.cur != nil {
+		w.cur.sealed = true
+		if err := w.maybeDropLocked(w.cur); err != nil {
+			return err
+		}
+	}
+	seq := w.nextSeq
+	w.nextSeq++
+	f, err := os.OpenFile(filepath.Join(w.dir, segmentName(seq)), os.O_WRONLY|os.O_CREATE|os.O_EXCL|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := syncDir(w.dir); err != nil {
+		_ = f.Close()
+		return err
+	}
+	w.cur = &segment{seq: seq, f: f, opened: time.Now()}
+	w.segments[seq] = w.cur
+	return nil
+}
+
+// release marks one record of segment seq as in the log.
+func (w *wal) release(seq uint64) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	s := w.segments[seq]
+	if s == nil {
+		return
+	}
+	s.pending--
+	if err := w.maybeDropLocked(s); err != nil && w.err == nil {
+		w.err = fmt.Errorf("receipt journal: %w", err)
+	}
+}
+
+// maybeDropLocked deletes a sealed segment whose records are all in the log.
+func (w *wal) maybeDropLocked(s *segment) error {
+	if !s.sealed || s.pending > 0 {
+		return nil
+	}
+	delete(w.segments, s.seq)
+	cerr := s.f.Close()
+	if err := os.Remove(s.f.Name()); err != nil {
+		return errors.Join(cerr, err)
+	}
+	return cerr
+}
+
+// close stops the committer; segments still holding records stay on disk
+// for the next start.
+func (w *wal) close() error {
+	w.closeOnce.Do(func() { close(w.stop) })
+	<-w.done
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var errs []error
+	for _, s := range w.segments {
+		s.sealed = true
+		if s.pending == 0 {
+			errs = append(errs, w.maybeDropLocked(s))
+		} else {
+			errs = append(errs, s.f.Close())
+		}
+	}
+	return errors.Join(errs...)
+}
