@@ -51,7 +51,7 @@ func receiptsBench(bin, work string, logs *harness.LogBuffer) error {
 		})
 		return v
 	}
-	for _, r := range []int{100, 5000} {
+	for _, r := range []int{100, 1500, 5000} {
 		before := calls()
 		x := attack(on.URL, r, 20*time.Second)
 		after := calls()
