@@ -322,7 +322,6 @@ func TestSPIFFEAgentStopped(t *testing.T) {
 	}
 }
 
-
 // badConfigAtStart: knhk refuses to start, naming the key, on a trust
 // domain that does not match the SPIRE agent's SVIDs and on a Workload API
 // socket that is not there.

@@ -344,9 +344,9 @@ func TestServedVersionFromClusterName(t *testing.T) {
 		"outbound|8080|canary|checkout.shop.svc.cluster.local": canary.Canary,
 		"outbound|8080|stable|checkout.shop.svc.cluster.local": canary.Stable,
 		"outbound|8080||checkout.shop.svc.cluster.local":       canary.None,
-		"inbound|8080||":                                       canary.None,
-		"outbound|canary":                                      canary.None,
-		"":                                                     canary.None,
+		"inbound|8080||":  canary.None,
+		"outbound|canary": canary.None,
+		"":                canary.None,
 	} {
 		if got := clusters.version(name); got != want {
 			t.Errorf("%q: %v, want %v", name, got, want)

@@ -60,10 +60,8 @@ func fail(w http.ResponseWriter, code int, kvCode, msg string) {
 }
 
 func (s *Server) bundle(name string, v *version) map[string]any {
-	pub := v.key.PublicKey
-	x, y := make([]byte, 32), make([]byte, 32)
-	pub.X.FillBytes(x)
-	pub.Y.FillBytes(y)
+	pt, _ := v.key.PublicKey.Bytes() // 0x04 ‖ X ‖ Y
+	x, y := pt[1:33], pt[33:]
 	return map[string]any{
 		"key": map[string]any{"kid": s.base + "keys/" + name + "/" + v.id, "kty": "EC", "crv": "P-256", "x": b64(x), "y": b64(y),
 			"key_ops": []string{"sign", "verify"}},

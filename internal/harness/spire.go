@@ -65,7 +65,7 @@ func (p *process) exited() error {
 	select {
 	case err := <-p.done:
 		p.done <- err
-		return fmt.Errorf("%s exited: %v", filepath.Base(p.cmd.Path), err)
+		return fmt.Errorf("%s exited: %w", filepath.Base(p.cmd.Path), err)
 	default:
 		return nil
 	}
@@ -76,8 +76,8 @@ func (p *process) stop() {
 		return
 	}
 	_ = p.cmd.Process.Kill()
-	<-p.done
-	p.done <- errors.New("killed")
+	err := <-p.done
+	p.done <- errors.Join(errors.New("killed"), err)
 }
 
 // SpireBinaries returns the paths `make tools` installs spire-server and
@@ -225,7 +225,7 @@ func (s *Spire) waitHealthy(p *process, bin, socket string) error {
 		}
 		out, err := exec.Command(bin, "healthcheck", "-socketPath", socket).CombinedOutput()
 		if err != nil {
-			return fmt.Errorf("healthcheck: %v: %s", err, bytes.TrimSpace(out))
+			return fmt.Errorf("healthcheck: %w: %s", err, bytes.TrimSpace(out))
 		}
 		return nil
 	})
@@ -235,7 +235,7 @@ func (s *Spire) serverCmd(args ...string) (string, error) {
 	args = append(args, "-socketPath", s.ServerSocket)
 	out, err := exec.Command(s.serverBin, args...).CombinedOutput()
 	if err != nil {
-		return "", fmt.Errorf("spire-server %s: %v: %s", strings.Join(args, " "), err, bytes.TrimSpace(out))
+		return "", fmt.Errorf("spire-server %s: %w: %s", strings.Join(args, " "), err, bytes.TrimSpace(out))
 	}
 	return string(out), nil
 }

@@ -88,8 +88,15 @@ func loadAzure(ctx context.Context, client *azkeys.Client, c AzureConfig) (*Azur
 	if k.Kty == nil || (*k.Kty != azkeys.KeyTypeEC && *k.Kty != azkeys.KeyTypeECHSM) || k.Crv == nil || *k.Crv != azkeys.CurveNameP256 {
 		return nil, fmt.Errorf("azure-key-vault key %s: want an EC P-256 key (ES256), got kty %v crv %v", c.Key, deref(k.Kty), deref(k.Crv))
 	}
-	pub := &ecdsa.PublicKey{Curve: elliptic.P256(), X: new(big.Int).SetBytes(k.X), Y: new(big.Int).SetBytes(k.Y)}
-	if _, err := pub.ECDH(); err != nil { // rejects points off the curve
+	if len(k.X) > 32 || len(k.Y) > 32 {
+		return nil, fmt.Errorf("azure-key-vault key %s: public key coordinates of %d and %d bytes", c.Key, len(k.X), len(k.Y))
+	}
+	pt := make([]byte, 65)
+	pt[0] = 4
+	copy(pt[33-len(k.X):33], k.X)
+	copy(pt[65-len(k.Y):], k.Y)
+	pub, err := ecdsa.ParseUncompressedPublicKey(elliptic.P256(), pt) // rejects points off the curve
+	if err != nil {
 		return nil, fmt.Errorf("azure-key-vault key %s: public key: %w", c.Key, err)
 	}
 	return &Azure{client: client, cfg: c, version: k.KID.Version(), pub: pub}, nil
