@@ -160,13 +160,7 @@ func TestCrashLosesNoAcknowledgedReceipt(t *testing.T) {
 // covers everything and every receipt verifies — the log has no gap.
 func TestKMSOutageDelaysCheckpointsNotRequests(t *testing.T) {
 	lg := logs(t)
-	lk, err := harness.StartLocalKMS(t.TempDir(), lg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lk.Stop()
-	t.Setenv("AWS_ACCESS_KEY_ID", "test")
-	t.Setenv("AWS_SECRET_ACCESS_KEY", "test")
+	lk := startLocalKMS(t, lg)
 	keyID := createKMSKey(t, lk.Endpoint)
 	s := startStack(t, harness.StackOptions{Weight: 20, Logs: lg, Configure: func(c *config.Config) {
 		c.Receipts.Enabled = true
@@ -252,6 +246,20 @@ func TestKMSOutageDelaysCheckpointsNotRequests(t *testing.T) {
 	}
 }
 
+// startLocalKMS runs local-kms for the test, with the credentials knhk's
+// AWS SDK chain will read.
+func startLocalKMS(t *testing.T, lg *harness.LogBuffer) *harness.LocalKMS {
+	t.Helper()
+	lk, err := harness.StartLocalKMS(t.TempDir(), lg)
+	if err != nil {
+		t.Fatal(err) // never skipped: the error says how to install local-kms
+	}
+	t.Cleanup(lk.Stop)
+	t.Setenv("AWS_ACCESS_KEY_ID", "test")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "test")
+	return lk
+}
+
 func createKMSKey(t *testing.T, endpoint string) string {
 	t.Helper()
 	c := awskms.New(awskms.Options{Region: "eu-west-1", BaseEndpoint: aws.String(endpoint),
@@ -270,13 +278,7 @@ func createKMSKey(t *testing.T, endpoint string) string {
 // `knhk receipt verify`, also after a restart.
 func TestKMSKeyRotationAtRuntime(t *testing.T) {
 	lg := logs(t)
-	lk, err := harness.StartLocalKMS(t.TempDir(), lg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lk.Stop()
-	t.Setenv("AWS_ACCESS_KEY_ID", "test")
-	t.Setenv("AWS_SECRET_ACCESS_KEY", "test")
+	lk := startLocalKMS(t, lg)
 	ctx := context.Background()
 	c := awskms.New(awskms.Options{Region: "eu-west-1", BaseEndpoint: aws.String(lk.Endpoint),
 		Credentials: credentials.NewStaticCredentialsProvider("test", "test", "")})

@@ -70,14 +70,7 @@ func mtlsBench(bin, work string, logs *harness.LogBuffer) error {
 
 	const rate = 1000
 	fmt.Printf("\nSPIFFE mTLS between Envoy and knhk: %d req/s, 3 interleaved rounds of 8 s (median)\n", rate)
-	attack(plain.URL, rate/2, 2*time.Second)
-	attack(mtls.URL, rate/2, 2*time.Second)
-	var rPlain, rMTLS []result
-	for range 3 {
-		rPlain = append(rPlain, attack(plain.URL, rate, 8*time.Second))
-		rMTLS = append(rMTLS, attack(mtls.URL, rate, 8*time.Second))
-	}
-	a, b := median(rPlain), median(rMTLS)
+	a, b := abRounds(plain.URL, mtls.URL, rate)
 	fmt.Printf("| Envoy ⇄ knhk | p50 | p99 | success (worst round) |\n|---|---|---|---|\n| plaintext | %s | %s | %.2f%% |\n| SPIFFE mTLS | %s | %s | %.2f%% |\n",
 		ms(a.p50), ms(a.p99), a.success*100, ms(b.p50), ms(b.p99), b.success*100)
 	fmt.Printf("added by mTLS: p50 %s, p99 %s\n", ms(b.p50-a.p50), ms(b.p99-a.p99))

@@ -30,14 +30,7 @@ func receiptsBench(bin, work string, logs *harness.LogBuffer) error {
 
 	const rate = 500
 	fmt.Printf("\nreceipts: %d req/s, 3 interleaved rounds of 8 s (median)\n", rate)
-	attack(off.URL, rate, 2*time.Second)
-	attack(on.URL, rate, 2*time.Second)
-	var rOff, rOn []result
-	for range 3 {
-		rOff = append(rOff, attack(off.URL, rate, 8*time.Second))
-		rOn = append(rOn, attack(on.URL, rate, 8*time.Second))
-	}
-	a, b := median(rOff), median(rOn)
+	a, b := abRounds(off.URL, on.URL, rate)
 	fmt.Printf("| setup | p50 | p99 |\n|---|---|---|\n| knhk, receipts off | %s | %s |\n| knhk, receipts on | %s | %s |\n",
 		ms(a.p50), ms(a.p99), ms(b.p50), ms(b.p99))
 	fmt.Printf("added by receipts: p50 %s, p99 %s\n", ms(b.p50-a.p50), ms(b.p99-a.p99))
@@ -58,4 +51,17 @@ func receiptsBench(bin, work string, logs *harness.LogBuffer) error {
 		fmt.Printf("KMS calls at %d req/s offered (%.0f achieved): %.0f in 20 s = %.2f/s\n", r, x.throughput, after-before, (after-before)/20)
 	}
 	return nil
+}
+
+// abRounds warms both setups, then runs 3 interleaved 8 s rounds of each at
+// rate and returns the medians: the comparison of two setups in one run.
+func abRounds(a, b string, rate int) (result, result) {
+	attack(a, rate/2, 2*time.Second)
+	attack(b, rate/2, 2*time.Second)
+	var ra, rb []result
+	for range 3 {
+		ra = append(ra, attack(a, rate, 8*time.Second))
+		rb = append(rb, attack(b, rate, 8*time.Second))
+	}
+	return median(ra), median(rb)
 }

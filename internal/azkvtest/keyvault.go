@@ -107,21 +107,14 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		op = parts[2]
 	}
 	switch {
-	case r.Method == http.MethodPost && op == "create":
-		var body struct{ Kty, Crv string }
-		if err := json.NewDecoder(r.Body).Decode(&body); err != nil || (body.Kty != "EC" && body.Kty != "EC-HSM") || body.Crv != "P-256" {
-			fail(w, http.StatusBadRequest, "BadParameter", "only EC keys on P-256 are supported here")
-			return
-		}
-		v, err := s.newVersion(name)
-		if err != nil {
-			fail(w, http.StatusInternalServerError, "InternalError", err.Error())
-			return
-		}
-		writeJSON(w, http.StatusOK, s.bundle(name, v))
-		return
-	case r.Method == http.MethodPost && op == "rotate":
-		if len(s.keys[name]) == 0 {
+	case r.Method == http.MethodPost && (op == "create" || op == "rotate"):
+		if op == "create" {
+			var body struct{ Kty, Crv string }
+			if err := json.NewDecoder(r.Body).Decode(&body); err != nil || (body.Kty != "EC" && body.Kty != "EC-HSM") || body.Crv != "P-256" {
+				fail(w, http.StatusBadRequest, "BadParameter", "only EC keys on P-256 are supported here")
+				return
+			}
+		} else if len(s.keys[name]) == 0 {
 			fail(w, http.StatusNotFound, "KeyNotFound", fmt.Sprintf("A key with (name/id) %s was not found in this key vault.", name))
 			return
 		}

@@ -29,6 +29,17 @@ func openTestService(t *testing.T, dir string, signer kms.Signer) *Service {
 	return s
 }
 
+// localTestService opens a service on a local key in a fresh directory.
+func localTestService(t *testing.T) (string, kms.Signer, *Service) {
+	t.Helper()
+	dir := t.TempDir()
+	signer, err := kms.OpenLocal(filepath.Join(dir, "kms.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir, signer, openTestService(t, dir, signer)
+}
+
 // bundleWhenIntegrated polls until the receipt is in a signed checkpoint.
 func bundleWhenIntegrated(t *testing.T, s *Service, id [16]byte) Bundle {
 	t.Helper()
@@ -147,12 +158,7 @@ func TestKMSKeyRotationAtRuntime(t *testing.T) {
 // verify with the token the client holds.
 func TestIndexRebuiltAfterLoss(t *testing.T) {
 	ctx := context.Background()
-	dir := t.TempDir()
-	signer, err := kms.OpenLocal(filepath.Join(dir, "kms.key"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := openTestService(t, dir, signer)
+	dir, signer, s := localTestService(t)
 	tokStr, tok := issueOne(t, s)
 	bundleWhenIntegrated(t, s, tok.ID)
 	if err := s.Close(ctx); err != nil {
@@ -178,12 +184,7 @@ func TestIndexRebuiltAfterLoss(t *testing.T) {
 // (its sync never returned, so no token went out) is ignored.
 func TestJournalRecoveryAfterCrash(t *testing.T) {
 	ctx := context.Background()
-	dir := t.TempDir()
-	signer, err := kms.OpenLocal(filepath.Join(dir, "kms.key"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := openTestService(t, dir, signer)
+	dir, signer, s := localTestService(t)
 	_, inLog := issueOne(t, s)
 	bundleWhenIntegrated(t, s, inLog.ID)
 	d := s.keys.Current()
