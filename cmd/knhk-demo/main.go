@@ -188,7 +188,7 @@ func (d *demo) traffic(ctx context.Context, url string, users int) error {
 				default:
 					stable.Add(1)
 				}
-				time.Sleep(5 * time.Millisecond) // a gentle load, leaving CPU for Envoy
+				time.Sleep(2 * time.Millisecond) // a gentle load, leaving CPU for Envoy
 			}
 		}()
 	}
