@@ -4,6 +4,7 @@
 package extproc
 
 import (
+	"context"
 	"errors"
 	"io"
 	"log/slog"
@@ -70,15 +71,16 @@ type Observer interface {
 type Server struct {
 	extprocv3.UnimplementedExternalProcessorServer
 
-	router    atomic.Pointer[canary.Router]
-	flags     atomic.Pointer[flags.Set]
-	admission atomic.Pointer[Admission]
-	receipts  atomic.Pointer[Issuer]
-	clusters  Clusters
-	metrics   *Metrics
-	log       *slog.Logger
-	observer  Observer
-	now       func() time.Time
+	router     atomic.Pointer[canary.Router]
+	flags      atomic.Pointer[flags.Set]
+	admission  atomic.Pointer[Admission]
+	receipts   atomic.Pointer[receipts]
+	receiptLog failureLog
+	clusters   Clusters
+	metrics    *Metrics
+	log        *slog.Logger
+	observer   Observer
+	now        func() time.Time
 }
 
 // NewServer returns a server routing with r. metrics may be shared with
@@ -101,6 +103,7 @@ func (s *Server) Router() *canary.Router { return s.router.Load() }
 
 // stream is the per-request state: fixed size, whatever the client sends.
 type stream struct {
+	ctx           context.Context // Envoy's stream: done when Envoy gives up
 	router        *canary.Router
 	flags         *flags.Set
 	admission     *Admission
@@ -120,7 +123,7 @@ type stream struct {
 func (s *Server) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
 	s.metrics.streamsActive.Inc()
 	defer s.metrics.streamsActive.Dec()
-	st := stream{router: s.router.Load(), flags: s.flags.Load(), admission: s.admission.Load(), latency: -1}
+	st := stream{ctx: srv.Context(), router: s.router.Load(), flags: s.flags.Load(), admission: s.admission.Load(), latency: -1}
 	defer s.streamEnded(&st)
 	for {
 		req, err := srv.Recv()
@@ -178,12 +181,14 @@ func (s *Server) handle(st *stream, req *extprocv3.ProcessingRequest) (*extprocv
 	return resp, nil
 }
 
-// streamEnded counts a request that got no response headers (reset by the
-// client or upstream, or Envoy gave up) as a failure of its version.
+// streamEnded counts a request that got no response headers. It is never
+// a failure of its version: an upstream that resets or times out still
+// produces response headers (Envoy's 503 or 504, with the cluster named),
+// so a stream that ends without them was ended by the client or by Envoy
+// itself, and any client can do that on purpose.
 func (s *Server) streamEnded(st *stream) {
 	st.release(s)
-	if st.sawRequest && !st.sawResponse && s.observer != nil && st.version != canary.None {
-		s.observer.Observe(st.version, true, s.now().Sub(st.start))
+	if st.sawRequest && !st.sawResponse {
 		s.metrics.resets.Inc()
 	}
 }
@@ -206,26 +211,17 @@ func (s *Server) requestHeaders(st *stream, h *extprocv3.HttpHeaders, req *extpr
 	}
 	if resp := s.admit(st, hs, req, trusted); resp != nil {
 		ir := resp.GetImmediateResponse()
-		if h := s.issue(st, int(ir.GetStatus().GetCode()), "shed:"+ir.GetDetails(), nil); h != nil {
+		h, refuse := s.issue(st, int(ir.GetStatus().GetCode()), "shed:"+ir.GetDetails(), nil)
+		if refuse {
+			return refusedForReceipt()
+		}
+		if h != nil {
 			ir.Headers.SetHeaders = append(ir.Headers.SetHeaders, h)
 		}
 		return resp
 	}
 
 	mut := &extprocv3.HeaderMutation{}
-	for _, hv := range hs {
-		k := hv.GetKey()
-		if !strings.HasPrefix(k, HeaderPrefix) {
-			continue
-		}
-		if (st.version != canary.None && k == HeaderVersion) || (st.classified && k == HeaderClass) {
-			continue // overwritten below; removing too would be ambiguous
-		}
-		if !contains(mut.RemoveHeaders, k) {
-			mut.RemoveHeaders = append(mut.RemoveHeaders, k)
-			s.metrics.stripped.Inc()
-		}
-	}
 	if st.version != canary.None {
 		mut.SetHeaders = append(mut.SetHeaders, setHeader(HeaderVersion, versionRaw[st.version]))
 	}
@@ -237,6 +233,20 @@ func (s *Server) requestHeaders(st *stream, h *extprocv3.HttpHeaders, req *extpr
 			mut.SetHeaders = append(mut.SetHeaders, setHeader(HeaderFlags, []byte(f)))
 		}
 	}
+	// Client x-knhk-* headers go; one knhk sets anyway is overwritten in
+	// place instead (removing and adding it would be ambiguous, and would
+	// count twice against Envoy's header limit).
+	for _, hv := range hs {
+		k := hv.GetKey()
+		if !strings.HasPrefix(k, HeaderPrefix) || setsHeader(mut, k) {
+			continue
+		}
+		if !contains(mut.RemoveHeaders, k) {
+			mut.RemoveHeaders = append(mut.RemoveHeaders, k)
+			s.metrics.stripped.Inc()
+		}
+	}
+	s.countMutations(false, mut)
 	return &extprocv3.ProcessingResponse{
 		Response: &extprocv3.ProcessingResponse_RequestHeaders{
 			RequestHeaders: &extprocv3.HeadersResponse{
@@ -249,13 +259,19 @@ func (s *Server) requestHeaders(st *stream, h *extprocv3.HttpHeaders, req *extpr
 // responseHeaders tells the client which version served the request: the
 // cluster Envoy used when known, else the version knhk chose.
 func (s *Server) responseHeaders(st *stream, req *extprocv3.ProcessingRequest) *extprocv3.ProcessingResponse {
-	v := s.servedBy(req)
+	v, reached := s.servedBy(req)
 	if v == canary.None {
 		v = st.version
 	}
 	if st.sawRequest {
 		st.latency = s.now().Sub(st.start)
-		if s.observer != nil {
+		switch {
+		case !reached:
+			// Envoy answered before any upstream was chosen (a header
+			// limit, a filter's refusal): not the version's doing, and any
+			// client can provoke it.
+			s.metrics.localReplies.Inc()
+		case s.observer != nil:
 			code := statusCode(req.GetResponseHeaders().GetHeaders().GetHeaders())
 			s.observer.Observe(v, code >= 500 || code == 0, st.latency)
 		}
@@ -265,10 +281,14 @@ func (s *Server) responseHeaders(st *stream, req *extprocv3.ProcessingRequest) *
 		mut.SetHeaders = append(mut.SetHeaders, setHeader(HeaderVersion, versionRaw[v]))
 	}
 	rh := headerView(req.GetResponseHeaders().GetHeaders().GetHeaders())
-	decision := "admitted"
-	if h := s.issue(st, statusCode(rh), decision, rh); h != nil {
+	h, refuse := s.issue(st, statusCode(rh), "admitted", rh)
+	if refuse {
+		return refusedForReceipt()
+	}
+	if h != nil {
 		mut.SetHeaders = append(mut.SetHeaders, h)
 	}
+	s.countMutations(true, mut)
 	return &extprocv3.ProcessingResponse{
 		Response: &extprocv3.ProcessingResponse_ResponseHeaders{
 			ResponseHeaders: &extprocv3.HeadersResponse{
@@ -279,14 +299,46 @@ func (s *Server) responseHeaders(st *stream, req *extprocv3.ProcessingRequest) *
 }
 
 // servedBy reads the xds.cluster_name attribute, whatever filter name Envoy
-// keys the attribute struct by.
-func (s *Server) servedBy(req *extprocv3.ProcessingRequest) canary.Version {
-	for _, st := range req.GetAttributes() {
-		if v, ok := st.GetFields()[ClusterAttribute]; ok {
-			return s.clusters.version(v.GetStringValue())
+// keys the attribute struct by. reached is false only when Envoy sent
+// response attributes without a cluster: no upstream was chosen, so the
+// response is Envoy's own local reply. Without any attributes (a filter
+// configured without response_attributes) knhk cannot tell, and trusts
+// its own routing decision.
+func (s *Server) servedBy(req *extprocv3.ProcessingRequest) (v canary.Version, reached bool) {
+	attrs := req.GetAttributes()
+	for _, st := range attrs {
+		if f, ok := st.GetFields()[ClusterAttribute]; ok && f.GetStringValue() != "" {
+			return s.clusters.version(f.GetStringValue()), true
 		}
 	}
-	return canary.None
+	return canary.None, len(attrs) == 0
+}
+
+// countMutations counts what a header answer asks of Envoy.
+func (s *Server) countMutations(response bool, mut *extprocv3.HeaderMutation) {
+	if n := len(mut.SetHeaders); n > 0 {
+		s.metrics.mutation[b2i(response)][0].Add(float64(n))
+	}
+	if n := len(mut.RemoveHeaders); n > 0 {
+		s.metrics.mutation[b2i(response)][1].Add(float64(n))
+	}
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// setsHeader reports whether mut already sets k.
+func setsHeader(mut *extprocv3.HeaderMutation, k string) bool {
+	for _, h := range mut.SetHeaders {
+		if h.GetHeader().GetKey() == k {
+			return true
+		}
+	}
+	return false
 }
 
 // versionRaw and classRaw hold header values once; protos only read them.

@@ -284,14 +284,17 @@ func (r *recorder) Observe(v canary.Version, failed bool, _ time.Duration) {
 	r.mu.Unlock()
 }
 
+// TestObservations: upstream outcomes count against the version that
+// served them; a reset and a local reply (Envoy answered before choosing any
+// upstream) count against nobody, since any client can cause either.
 func TestObservations(t *testing.T) {
-	s, _ := newServer(t, 50)
+	s, reg := newServer(t, 50)
 	rec := &recorder{}
 	s.observer = rec
 	c := dial(t, s)
 	canaryUser := userOn(t, s, canary.Canary)
 
-	run := func(status string, respond bool) {
+	run := func(status, cluster string, respond bool) {
 		stream, err := c.Process(context.Background())
 		if err != nil {
 			t.Fatal(err)
@@ -301,7 +304,11 @@ func TestObservations(t *testing.T) {
 			t.Fatal(err)
 		}
 		if respond {
-			r := respHeaders("knhk_canary")
+			r := respHeaders(cluster)
+			if cluster == "" { // attributes were asked for, but Envoy chose no cluster
+				st, _ := structpb.NewStruct(map[string]any{PeerURIAttribute: ""})
+				r.Attributes = map[string]*structpb.Struct{"envoy.filters.http.ext_proc": st}
+			}
 			r.GetResponseHeaders().Headers = headers(":status", status)
 			_ = stream.Send(r)
 			if _, err := stream.Recv(); err != nil {
@@ -311,16 +318,18 @@ func TestObservations(t *testing.T) {
 		_ = stream.CloseSend()
 		_, _ = stream.Recv()
 	}
-	run("200", true)
-	run("503", true)
-	run("", false) // reset: no response headers
+	run("200", "knhk_canary", true)
+	run("503", "knhk_canary", true)
+	run("", "", false)   // reset: no response headers
+	run("500", "", true) // local reply: e.g. a header limit, before routing
+	run("503", "knhk_canary", true)
 	deadline := time.Now().Add(5 * time.Second)
-	for len(rec.snapshot()) < 3 && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond) // poll: the stream's deferred observation runs after EOF
+	for testutil.ToFloat64(s.metrics.resets) < 1 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond) // poll: the stream's deferred accounting runs after EOF
 	}
 	want := []obs{{canary.Canary, false}, {canary.Canary, true}, {canary.Canary, true}}
 	got := rec.snapshot()
-	if len(got) != 3 {
+	if len(got) != len(want) {
 		t.Fatalf("observations %v, want %v", got, want)
 	}
 	for i := range want {
@@ -328,6 +337,13 @@ func TestObservations(t *testing.T) {
 			t.Fatalf("observations %v, want %v", got, want)
 		}
 	}
+	if n := testutil.ToFloat64(s.metrics.resets); n != 1 {
+		t.Errorf("unanswered requests %v, want 1", n)
+	}
+	if n := testutil.ToFloat64(s.metrics.localReplies); n != 1 {
+		t.Errorf("local replies %v, want 1", n)
+	}
+	_ = reg
 }
 
 func TestStatusCode(t *testing.T) {

@@ -9,14 +9,18 @@ import (
 
 // Metrics are the ext_proc decision counters exported at /metrics.
 type Metrics struct {
-	decisions     [3]prometheus.Counter // indexed by canary.Version
-	stripped      prometheus.Counter
-	resets        prometheus.Counter
-	streamsActive prometheus.Gauge
-	streamErrors  *prometheus.CounterVec
-	admission     [3][3]prometheus.Counter // [class][verdict]
-	receipts      prometheus.Counter
-	receiptErrors prometheus.Counter
+	decisions      [3]prometheus.Counter // indexed by canary.Version
+	stripped       prometheus.Counter
+	resets         prometheus.Counter
+	streamsActive  prometheus.Gauge
+	streamErrors   *prometheus.CounterVec
+	admission      [3][3]prometheus.Counter // [class][verdict]
+	receipts       prometheus.Counter
+	receiptErrors  prometheus.Counter
+	receiptRefused prometheus.Counter
+	localReplies   prometheus.Counter
+	mutations      *prometheus.CounterVec
+	mutation       [2][2]prometheus.Counter // [response phase][remove]
 }
 
 // NewMetrics registers the ext_proc metrics on reg.
@@ -32,8 +36,16 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}),
 		resets: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "knhk_extproc_unanswered_requests_total",
-			Help: "Requests whose stream ended without response headers (resets); counted as failures of their version.",
+			Help: "Requests whose stream ended without response headers (client resets, Envoy gave up); never counted against a version, since any client can reset.",
 		}),
+		localReplies: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "knhk_extproc_local_replies_total",
+			Help: "Responses Envoy made itself before reaching any upstream (no xds.cluster_name); never counted against a version.",
+		}),
+		mutations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "knhk_extproc_header_mutations_total",
+			Help: "Header mutations knhk asked of Envoy, by phase and operation (set, remove).",
+		}, []string{"phase", "op"}),
 		streamsActive: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "knhk_extproc_streams_active",
 			Help: "ext_proc streams (HTTP requests) in progress.",
@@ -59,8 +71,16 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Name: "knhk_receipts_issued_total", Help: "Receipts durably logged and returned in x-knhk-receipt.",
 	})
 	m.receiptErrors = prometheus.NewCounter(prometheus.CounterOpts{
-		Name: "knhk_receipt_errors_total", Help: "Responses sent without a receipt because logging it failed.",
+		Name: "knhk_receipt_errors_total", Help: "Receipts that could not be logged: the response went without one, or was refused (receipts.required).",
 	})
-	reg.MustRegister(dec, adm, m.stripped, m.resets, m.streamsActive, m.streamErrors, m.receipts, m.receiptErrors)
+	m.receiptRefused = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "knhk_receipt_refused_total", Help: "Requests answered 503 x-knhk-shed: receipt because no receipt could be logged (receipts.required).",
+	})
+	for i, ph := range []string{"request", "response"} {
+		for j, op := range []string{"set", "remove"} {
+			m.mutation[i][j] = m.mutations.WithLabelValues(ph, op)
+		}
+	}
+	reg.MustRegister(dec, adm, m.stripped, m.resets, m.localReplies, m.mutations, m.streamsActive, m.streamErrors, m.receipts, m.receiptErrors, m.receiptRefused)
 	return m
 }

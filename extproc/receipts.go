@@ -3,11 +3,15 @@ package extproc
 import (
 	"context"
 	"crypto/sha256"
+	"log/slog"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 
 	"github.com/knhk/knhk/pkg/receipt"
 )
@@ -20,13 +24,31 @@ type Issuer interface {
 	Issue(ctx context.Context, r *receipt.Receipt) (string, error)
 }
 
+// ReceiptOptions say how receipts are issued.
+type ReceiptOptions struct {
+	// Required: a request that cannot get a receipt is answered 503 with
+	// x-knhk-shed: receipt rather than served without one.
+	Required bool
+	// Timeout bounds one Issue call; Envoy's message_timeout, since past it
+	// Envoy has given up on the answer anyway.
+	Timeout time.Duration
+}
+
+type receipts struct {
+	issuer Issuer
+	opts   ReceiptOptions
+}
+
 // SetReceipts turns receipts on (nil: off).
-func (s *Server) SetReceipts(i Issuer) {
+func (s *Server) SetReceipts(i Issuer, opts ReceiptOptions) {
 	if i == nil {
 		s.receipts.Store(nil)
 		return
 	}
-	s.receipts.Store(&i)
+	if opts.Timeout <= 0 {
+		opts.Timeout = 200 * time.Millisecond
+	}
+	s.receipts.Store(&receipts{issuer: i, opts: opts})
 }
 
 // requestFacts are the parts of the request a receipt records.
@@ -70,12 +92,13 @@ func headerDigest(hs headerView) [32]byte {
 	return out
 }
 
-// issue builds and logs the receipt; it returns the header to add, or nil
-// when receipts are off or logging failed (then no token is promised).
-func (s *Server) issue(st *stream, status int, decision string, resHeaders headerView) *corev3.HeaderValueOption {
-	ip := s.receipts.Load()
-	if ip == nil || !st.sawRequest {
-		return nil
+// issue builds and logs the receipt. It returns the header to add, or nil
+// when receipts are off; refuse is true when receipts are required and
+// this one could not be logged, so the caller must not serve the response.
+func (s *Server) issue(st *stream, status int, decision string, resHeaders headerView) (h *corev3.HeaderValueOption, refuse bool) {
+	rc := s.receipts.Load()
+	if rc == nil || !st.sawRequest {
+		return nil, false
 	}
 	r := receipt.Receipt{
 		Time: st.start.UnixNano(), Method: st.facts.method, Authority: st.facts.authority, Path: st.facts.path,
@@ -91,16 +114,60 @@ func (s *Server) issue(st *stream, status int, decision string, resHeaders heade
 	if resHeaders != nil {
 		r.ResHeaders = headerDigest(resHeaders)
 	}
-	// Generous: a receipt promised late is better than none, and Envoy's
-	// route timeout bounds the request anyway.
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	// The stream's context ends when Envoy gives up on the request; the
+	// timeout is Envoy's own message_timeout, past which it no longer
+	// waits for this answer.
+	ctx, cancel := context.WithTimeout(st.ctx, rc.opts.Timeout)
 	defer cancel()
-	tok, err := (*ip).Issue(ctx, &r)
+	tok, err := rc.issuer.Issue(ctx, &r)
 	if err != nil {
 		s.metrics.receiptErrors.Inc()
-		s.log.Error("receipt not logged; response goes without x-knhk-receipt", "error", err.Error())
-		return nil
+		if rc.opts.Required {
+			s.metrics.receiptRefused.Inc()
+		}
+		s.receiptLog.failed(s.log, err, rc.opts.Required)
+		return nil, rc.opts.Required
 	}
 	s.metrics.receipts.Inc()
-	return setHeader(HeaderReceipt, []byte(tok))
+	return setHeader(HeaderReceipt, []byte(tok)), false
+}
+
+// refusedForReceipt is the answer when receipts are required and none
+// could be logged.
+func refusedForReceipt() *extprocv3.ProcessingResponse {
+	return &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ImmediateResponse{
+		ImmediateResponse: &extprocv3.ImmediateResponse{
+			Status:  &typev3.HttpStatus{Code: typev3.StatusCode_ServiceUnavailable},
+			Headers: &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{setHeader(HeaderShed, []byte("receipt"))}},
+			Body:    []byte("receipt could not be logged (receipts.required)\n"),
+			Details: "knhk_receipt_required",
+		},
+	}}
+}
+
+// failureLog logs receipt failures at most once a second, with how many
+// there were since the last line: a client that can make issuing fail
+// must not be able to flood the log.
+type failureLog struct {
+	mu     sync.Mutex
+	last   time.Time
+	missed int
+}
+
+func (f *failureLog) failed(log *slog.Logger, err error, required bool) {
+	now := time.Now()
+	f.mu.Lock()
+	f.missed++
+	if now.Sub(f.last) < time.Second {
+		f.mu.Unlock()
+		return
+	}
+	n := f.missed
+	f.last, f.missed = now, 0
+	f.mu.Unlock()
+	what := "responses went without x-knhk-receipt"
+	if required {
+		what = "requests refused with 503 x-knhk-shed: receipt (receipts.required)"
+	}
+	log.Error("receipts not logged; "+what, "count", n, "error", err.Error())
 }

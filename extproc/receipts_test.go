@@ -1,9 +1,20 @@
 package extproc
 
 import (
+	"bytes"
 	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
 	"sync"
 	"testing"
+	"time"
+
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"google.golang.org/protobuf/types/known/structpb"
 
@@ -11,15 +22,129 @@ import (
 )
 
 type issued struct {
-	mu sync.Mutex
-	rs []receipt.Receipt
+	mu  sync.Mutex
+	rs  []receipt.Receipt
+	err error
+	// block: Issue waits for its context, as a stalled log would.
+	block bool
 }
 
-func (i *issued) Issue(_ context.Context, r *receipt.Receipt) (string, error) {
+func (i *issued) Issue(ctx context.Context, r *receipt.Receipt) (string, error) {
+	if i.block {
+		<-ctx.Done()
+		return "", ctx.Err()
+	}
 	i.mu.Lock()
 	defer i.mu.Unlock()
+	if i.err != nil {
+		return "", i.err
+	}
 	i.rs = append(i.rs, *r)
 	return "kr1.test", nil
+}
+
+// roundTrip sends one request and its response through s and returns
+// knhk's answer to the response headers.
+func roundTrip(t *testing.T, c extprocv3.ExternalProcessorClient) *extprocv3.ProcessingResponse {
+	t.Helper()
+	stream, err := c.Process(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(reqHeaders(":method", "GET", ":path", "/x", "x-user-id", "u1")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stream.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(respHeaders("knhk_stable")); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = stream.CloseSend()
+	return resp
+}
+
+func receiptHeader(m *extprocv3.HeaderMutation) string {
+	for _, h := range m.GetSetHeaders() {
+		if h.GetHeader().GetKey() == HeaderReceipt {
+			return string(h.GetHeader().GetRawValue())
+		}
+	}
+	return ""
+}
+
+// TestReceiptFailure: with receipts.required a request that cannot get a
+// receipt is refused with 503 x-knhk-shed: receipt; without it the response
+// goes out unreceipted. Either way it is counted, and the log gets at most
+// one line a second however many fail.
+func TestReceiptFailure(t *testing.T) {
+	for _, required := range []bool{false, true} {
+		t.Run(fmt.Sprintf("required=%v", required), func(t *testing.T) {
+			s, _ := newServer(t, 0)
+			var logs bytes.Buffer
+			s.log = slog.New(slog.NewJSONHandler(&syncWriter{w: &logs}, nil))
+			s.SetReceipts(&issued{err: errors.New("journal: disk full")}, ReceiptOptions{Required: required})
+			c := dial(t, s)
+			const n = 50
+			for range n {
+				resp := roundTrip(t, c)
+				ir := resp.GetImmediateResponse()
+				if required {
+					if ir == nil || ir.GetStatus().GetCode() != typev3.StatusCode_ServiceUnavailable ||
+						len(ir.GetHeaders().GetSetHeaders()) != 1 || ir.GetHeaders().GetSetHeaders()[0].GetHeader().GetKey() != HeaderShed ||
+						string(ir.GetHeaders().GetSetHeaders()[0].GetHeader().GetRawValue()) != "receipt" {
+						t.Fatalf("required receipt failed, answer %v, want 503 x-knhk-shed: receipt", resp)
+					}
+				} else if ir != nil || receiptHeader(resp.GetResponseHeaders().GetResponse().GetHeaderMutation()) != "" {
+					t.Fatalf("answer %v, want the response served without a receipt", resp)
+				}
+			}
+			if got := testutil.ToFloat64(s.metrics.receiptErrors); got != n {
+				t.Errorf("receipt errors %v, want %d", got, n)
+			}
+			wantRefused := 0.0
+			if required {
+				wantRefused = n
+			}
+			if got := testutil.ToFloat64(s.metrics.receiptRefused); got != wantRefused {
+				t.Errorf("refused %v, want %v", got, wantRefused)
+			}
+			if lines := strings.Count(logs.String(), "receipts not logged"); lines < 1 || lines > 3 {
+				t.Errorf("%d log lines for %d failures within a second or so, want 1 to 3", lines, n)
+			}
+		})
+	}
+}
+
+// TestReceiptIssueBoundedByMessageTimeout: a stalled log gives up after
+// Envoy's message_timeout, not after seconds.
+func TestReceiptIssueBoundedByMessageTimeout(t *testing.T) {
+	s, _ := newServer(t, 0)
+	s.SetReceipts(&issued{block: true}, ReceiptOptions{Timeout: 50 * time.Millisecond, Required: true})
+	c := dial(t, s)
+	start := time.Now()
+	resp := roundTrip(t, c)
+	if resp.GetImmediateResponse() == nil {
+		t.Fatalf("answer %v, want a refusal", resp)
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Fatalf("a stalled receipt held the response %v; the bound is the 50 ms message timeout", d)
+	}
+}
+
+type syncWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (s *syncWriter) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.w.Write(p)
 }
 
 // The caller's SPIFFE ID (Envoy's downstream peer URI SAN attribute) is
@@ -32,7 +157,7 @@ func TestReceiptRecordsCallerSPIFFEID(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			s, _ := newServer(t, 0)
 			var got issued
-			s.SetReceipts(&got)
+			s.SetReceipts(&got, ReceiptOptions{})
 			c := dial(t, s)
 			stream, err := c.Process(context.Background())
 			if err != nil {

@@ -67,10 +67,9 @@ type ClassLimits struct {
 }
 
 func (s *Server) handleAdmission(w http.ResponseWriter, _ *http.Request) {
-	s.mu.Lock()
-	lc := s.cfg.Admission.LimiterConfig()
-	v := AdmissionView{Enabled: s.cfg.Admission.Enabled, Clusters: map[string]ClusterLimits{}}
-	s.mu.Unlock()
+	cfg := s.config()
+	lc := cfg.Admission.LimiterConfig()
+	v := AdmissionView{Enabled: cfg.Admission.Enabled, Clusters: map[string]ClusterLimits{}}
 	for _, ver := range []canary.Version{canary.Stable, canary.Canary} {
 		snap := s.limiters[ver].Snapshot()
 		cl := ClusterLimits{Limit: snap.Limit, EstimateMs: ms(snap.ShortRTT), BaselineMs: ms(snap.Baseline), Classes: map[string]ClassLimits{}}
@@ -86,12 +85,11 @@ func (s *Server) handleAdmission(w http.ResponseWriter, _ *http.Request) {
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
 func (s *Server) handleCapacity(w http.ResponseWriter, _ *http.Request) {
-	s.mu.Lock()
-	replicas := len(s.cfg.Upstreams.Stable)
-	s.mu.Unlock()
+	cfg := s.config()
+	replicas := len(cfg.Upstreams.Stable)
 	r := s.tracker.Report(time.Now(), s.limiters[canary.Stable].Snapshot().Limit, replicas)
 	writeJSON(w, http.StatusOK, struct {
 		capacity.Report
 		Key string `json:"key"`
-	}{r, s.cfg.Capacity.Key})
+	}{r, cfg.Capacity.Key})
 }

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"net/http"
@@ -57,6 +58,10 @@ func (s *Server) handleReady(w http.ResponseWriter, _ *http.Request) {
 		http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
 		return
 	}
+	if err := s.receiptsDegraded(); err != nil {
+		http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+		return
+	}
 	_, _ = w.Write([]byte("ready\n"))
 }
 
@@ -68,9 +73,8 @@ type canaryView struct {
 }
 
 func (s *Server) handleCanary(w http.ResponseWriter, _ *http.Request) {
-	s.mu.Lock()
-	v := canaryView{Weight: s.rollout.Weight(), Salt: s.cfg.Canary.Salt, StickyKeys: s.cfg.Canary.StickyKeys}
-	s.mu.Unlock()
+	cfg := s.config()
+	v := canaryView{Weight: s.rollout.Weight(), Salt: cfg.Canary.Salt, StickyKeys: cfg.Canary.StickyKeys}
 	writeJSON(w, http.StatusOK, v)
 }
 
@@ -90,7 +94,7 @@ type RolloutView struct {
 
 func (s *Server) rolloutView() RolloutView {
 	st := s.rollout.State()
-	pc := s.cfg.PromotionConfig()
+	pc := s.config().PromotionConfig()
 	now := time.Now()
 	win := s.rollout.Window()
 	decisions := st.Decisions
@@ -114,7 +118,7 @@ func (s *Server) handleRollout(w http.ResponseWriter, _ *http.Request) {
 }
 
 func (s *Server) handleRolloutAction(w http.ResponseWriter, r *http.Request) {
-	actions := map[string]func() error{
+	actions := map[string]func(context.Context) error{
 		"start": s.rollout.Start, "promote": s.rollout.Promote, "pause": s.rollout.Pause,
 		"resume": s.rollout.Resume, "abort": s.rollout.Abort,
 	}
@@ -124,10 +128,13 @@ func (s *Server) handleRolloutAction(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, apiError{"unknown rollout action " + `"` + action + `"` + ": want start, promote, pause, resume or abort"})
 		return
 	}
-	if err := f(); err != nil {
+	if err := f(r.Context()); err != nil {
 		code := http.StatusInternalServerError
-		if errors.Is(err, promotion.ErrConflict) {
+		switch {
+		case errors.Is(err, promotion.ErrConflict):
 			code = http.StatusConflict
+		case errors.Is(err, promotion.ErrStopped):
+			code = http.StatusServiceUnavailable
 		}
 		writeJSON(w, code, apiError{err.Error()})
 		return
@@ -142,9 +149,7 @@ type flagsView struct {
 }
 
 func (s *Server) handleFlags(w http.ResponseWriter, _ *http.Request) {
-	s.mu.Lock()
-	fs, err := s.cfg.FlagSet()
-	s.mu.Unlock()
+	fs, err := s.config().FlagSet()
 	if err != nil {
 		writeJSON(w, http.StatusInternalServerError, apiError{err.Error()})
 		return

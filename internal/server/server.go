@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -15,7 +16,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -60,8 +60,10 @@ type Server struct {
 	ctx      context.Context
 	cancel   context.CancelFunc
 
-	mu  sync.Mutex // guards cfg during reload and xDS state changes
-	cfg config.Config
+	// cfg is the config in force, replaced whole on reload. Only the
+	// rollout's owner goroutine replaces it (inside Reconfigure), so that a
+	// reload and a weight change are applied one after the other.
+	cfg atomic.Pointer[config.Config]
 
 	m metrics
 
@@ -130,7 +132,8 @@ func (s *Server) openReceipts(cfg *config.Config) error {
 	if err != nil {
 		return fmt.Errorf("receipts: %w", err)
 	}
-	s.extproc.SetReceipts(s.receipts)
+	s.extproc.SetReceipts(s.receipts, extproc.ReceiptOptions{Required: cfg.Receipts.Required, Timeout: cfg.Envoy.MessageTimeout.D()})
+	s.registerReceiptMetrics()
 	return nil
 }
 
@@ -169,9 +172,10 @@ func New(cfg config.Config, log *slog.Logger) (_ *Server, err error) {
 		return nil, err
 	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
-		return nil, fmt.Errorf("data_dir %s: %w", cfg.DataDir, err)
+		return nil, dataDirError(err)
 	}
-	s := &Server{log: log, cfg: cfg, reg: prometheus.NewRegistry()}
+	s := &Server{log: log, reg: prometheus.NewRegistry()}
+	s.cfg.Store(&cfg)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	defer func() {
 		if err != nil {
@@ -182,7 +186,7 @@ func New(cfg config.Config, log *slog.Logger) (_ *Server, err error) {
 	s.m = newMetrics(s.reg)
 
 	if s.store, err = promotion.OpenBoltStore(cfg.DataDir); err != nil {
-		return nil, fmt.Errorf("data_dir: %w", err)
+		return nil, dataDirError(err)
 	}
 	if s.rollout, err = promotion.New(cfg.PromotionConfig(), s.store, cfg.Canary.Weight, nil); err != nil {
 		return nil, err
@@ -287,6 +291,14 @@ func New(cfg config.Config, log *slog.Logger) (_ *Server, err error) {
 	return s, nil
 }
 
+// dataDirError names the key; the error itself names the file once.
+func dataDirError(err error) error {
+	if errors.Is(err, fs.ErrPermission) {
+		return fmt.Errorf("data_dir: %w (knhk must be able to read and write this directory: fix its owner or mode, or set --data-dir)", err)
+	}
+	return fmt.Errorf("data_dir: %w", err)
+}
+
 func webhookTargets(c *config.Config) []promotion.WebhookTarget {
 	out := make([]promotion.WebhookTarget, 0, len(c.Rollout.Webhooks))
 	for _, w := range c.Rollout.Webhooks {
@@ -295,28 +307,33 @@ func webhookTargets(c *config.Config) []promotion.WebhookTarget {
 	return out
 }
 
-// applyWeight moves the split and publishes the matching xDS snapshot.
+// applyWeight moves the split and publishes the matching xDS snapshot. It
+// runs on the rollout's owner goroutine (a weight listener, or inside
+// Reconfigure), so calls never interleave and the last one published
+// carries both the latest weight and the latest config.
 func (s *Server) applyWeight(w float64) error {
 	buckets, err := canary.WeightToBuckets(w)
 	if err != nil {
 		return err
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	if err := s.extproc.Router().Splitter().SetWeight(w); err != nil {
 		return err
 	}
 	s.m.weight.Set(w)
+	cfg := s.config()
 	_, err = s.xds.Update(xds.State{
-		Upstreams:     xds.Upstreams{Stable: s.cfg.Upstreams.Stable, Canary: s.cfg.Upstreams.Canary},
+		Upstreams:     xds.Upstreams{Stable: cfg.Upstreams.Stable, Canary: cfg.Upstreams.Canary},
 		CanaryBuckets: buckets,
-		RouteTimeout:  s.cfg.Envoy.RouteTimeout.D(),
+		RouteTimeout:  cfg.Envoy.RouteTimeout.D(),
 	})
 	if err != nil {
 		s.log.Error("xds update failed", "error", err.Error())
 	}
 	return err
 }
+
+// config is the config in force; it must not be modified.
+func (s *Server) config() *config.Config { return s.cfg.Load() }
 
 // onDecision logs, counts and forwards every rollout decision.
 func (s *Server) onDecision(d promotion.Decision) {
@@ -359,7 +376,7 @@ func (s *Server) Serve(ctx context.Context) error {
 			errc <- err
 		}
 	}()
-	go s.rollout.Run(s.ctx.Done())
+	go s.rollout.Run(s.ctx)
 	if s.receipts != nil {
 		go s.receipts.Run(s.ctx)
 	}
@@ -369,7 +386,7 @@ func (s *Server) Serve(ctx context.Context) error {
 	s.ready.Store(true)
 	st := s.rollout.State()
 	s.log.Info("knhk serving", "grpc", s.GRPCAddr(), "xds", s.XDSAddr(), "admin", s.AdminAddr(),
-		"rollout_phase", st.Phase, "canary_weight", st.Weight, "data_dir", s.cfg.DataDir)
+		"rollout_phase", st.Phase, "canary_weight", st.Weight, "data_dir", s.config().DataDir)
 
 	select {
 	case <-ctx.Done():
@@ -385,9 +402,7 @@ func (s *Server) Serve(ctx context.Context) error {
 }
 
 func (s *Server) drain() error {
-	s.mu.Lock()
-	timeout := s.cfg.DrainTimeout.D()
-	s.mu.Unlock()
+	timeout := s.config().DrainTimeout.D()
 	s.ready.Store(false)
 	s.health.Shutdown()
 	s.log.Info("draining", "timeout", timeout)
@@ -434,9 +449,19 @@ func (s *Server) close() {
 // weight take effect at once; listener, data_dir and rollout-analysis
 // changes need a restart and are reported, not silently ignored.
 func (s *Server) Reload(next config.Config) error {
-	err := s.reload(next)
+	return s.ReloadFrom(func() (config.Config, error) { return next, nil })
+}
+
+// ReloadFrom loads a config with load and applies it; a config that fails
+// to load counts as a rejected reload like one that fails to apply.
+func (s *Server) ReloadFrom(load func() (config.Config, error)) error {
+	next, err := load()
+	if err == nil {
+		err = s.reload(next)
+	}
 	if err != nil {
 		s.m.reloads.WithLabelValues("error").Inc()
+		s.log.Error("config reload rejected; keeping the running config", "error", err.Error())
 		return err
 	}
 	s.m.reloads.WithLabelValues("ok").Inc()
@@ -447,7 +472,9 @@ func (s *Server) reload(next config.Config) error {
 	if err := next.Validate(); err != nil {
 		return err
 	}
-	router, err := NewRouter(&next, s.rollout.Weight())
+	// Build everything first, off the owner goroutine; the weight is set
+	// on the new router there, just before it is installed.
+	router, err := NewRouter(&next, 0)
 	if err != nil {
 		return err
 	}
@@ -459,20 +486,24 @@ func (s *Server) reload(next config.Config) error {
 	if err != nil {
 		return err
 	}
-	s.mu.Lock()
-	prev := s.cfg
-	s.cfg.Canary = next.Canary
-	s.cfg.Upstreams = next.Upstreams
-	s.cfg.DrainTimeout = next.DrainTimeout
-	s.cfg.Flags, s.cfg.Environment = next.Flags, next.Environment
-	s.extproc.SetRouter(router)
-	s.extproc.SetFlags(fs)
-	s.extproc.SetAdmission(adm)
-	s.cfg.Admission = next.Admission
-	s.mu.Unlock()
-	// Re-apply the current weight to the new router and publish upstreams.
-	s.rollout.SetIdleWeight(next.Canary.Weight)
-	if err := s.applyWeight(s.rollout.Weight()); err != nil {
+	prev := s.config()
+	merged := *prev
+	merged.Canary = next.Canary
+	merged.Upstreams = next.Upstreams
+	merged.DrainTimeout = next.DrainTimeout
+	merged.Flags, merged.Environment = next.Flags, next.Environment
+	merged.Admission = next.Admission
+	err = s.rollout.Reconfigure(s.ctx, next.Canary.Weight, func(w float64) error {
+		if err := router.Splitter().SetWeight(w); err != nil {
+			return err
+		}
+		s.extproc.SetRouter(router)
+		s.extproc.SetFlags(fs)
+		s.extproc.SetAdmission(adm)
+		s.cfg.Store(&merged)
+		return s.applyWeight(w)
+	})
+	if err != nil {
 		return err
 	}
 	s.log.Info("config reloaded", "idle_weight", next.Canary.Weight, "weight", s.rollout.Weight())

@@ -9,7 +9,10 @@ import (
 
 // Receipts configures signed request receipts.
 type Receipts struct {
-	Enabled            bool      `yaml:"enabled"`
+	Enabled bool `yaml:"enabled"`
+	// Required: a request that cannot get a receipt is answered 503 with
+	// x-knhk-shed: receipt instead of going out unreceipted.
+	Required           bool      `yaml:"required"`
 	KMS                KMSConfig `yaml:"kms"`
 	Origin             string    `yaml:"origin"` // the log's name in checkpoints
 	Region             string    `yaml:"region"`

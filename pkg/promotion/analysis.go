@@ -51,6 +51,7 @@ func Judge(t Thresholds, canary, stable Stats) Judgement {
 		"canary_p99_ms": canary.P99Ms, "stable_p99_ms": stable.P99Ms,
 	}
 	j := func(v Verdict, check, format string, args ...any) Judgement {
+		finite(vals)
 		return Judgement{Verdict: v, Result: v.String(), Check: check, Detail: fmt.Sprintf(format, args...), Values: vals}
 	}
 	if canary.Requests < t.MinRequests {
@@ -91,21 +92,31 @@ func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond)
 
 // errorRateWorse returns the z statistic of H0: p_canary − p_stable ≤ delta
 // against H1: greater (unpooled standard error, as the null is not equality).
-// With no variance at all it reports +Inf when the observed gap exceeds delta.
+// The standard error uses Agresti–Caffo's adjusted proportions (one success
+// and one failure added to each side), so it is never zero: a 100 %-failing
+// canary against a clean stable gets a large, finite z rather than +Inf,
+// which JSON (the state store, the API, webhooks) cannot encode.
 func errorRateWorse(c, s Stats, delta float64) (float64, bool) {
 	if c.Requests == 0 || s.Requests == 0 {
 		return 0, false
 	}
-	pc, ps := c.ErrorRate(), s.ErrorRate()
-	diff := pc - ps - delta
-	se := math.Sqrt(pc*(1-pc)/float64(c.Requests) + ps*(1-ps)/float64(s.Requests))
-	if se == 0 {
-		if diff > 0 {
-			return math.Inf(1), true
-		}
-		return 0, false
+	diff := c.ErrorRate() - s.ErrorRate() - delta
+	adj := func(st Stats) float64 {
+		n := float64(st.Requests) + 2
+		p := (float64(st.Errors) + 1) / n
+		return p * (1 - p) / n
 	}
-	return diff / se, true
+	return diff / math.Sqrt(adj(c)+adj(s)), true
+}
+
+// finite drops non-finite figures: a judgement is persisted and served as
+// JSON, and one NaN or Inf would make every later save and read fail.
+func finite(vals map[string]float64) {
+	for k, v := range vals {
+		if math.IsNaN(v) || math.IsInf(v, 0) {
+			delete(vals, k)
+		}
+	}
 }
 
 // zScore is the one-sided critical value for a confidence level, e.g.

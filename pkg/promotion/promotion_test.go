@@ -1,8 +1,12 @@
 package promotion
 
 import (
+	"context"
+	"encoding/json"
 	"errors"
 	"math/rand/v2"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -17,6 +21,8 @@ func defaults() Thresholds {
 func stats(req, errs uint64, p99 time.Duration) Stats {
 	return Stats{Requests: req, Errors: errs, P99: p99, P99Ms: float64(p99) / 1e6}
 }
+
+var ctx = context.Background()
 
 func TestJudge(t *testing.T) {
 	ms := time.Millisecond
@@ -111,9 +117,62 @@ func TestWindowP99(t *testing.T) {
 	}
 }
 
-type clock struct{ t time.Time }
+// clock is a test clock; the owner goroutine reads it while the test moves it.
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
 
-func (c *clock) now() time.Time { return c.t }
+func (c *clock) now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *clock) add(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+// memStore is a Store in memory.
+type memStore struct {
+	mu    sync.Mutex
+	st    State
+	saved bool
+	err   error
+}
+
+func (m *memStore) Load() (State, bool, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.st, m.saved, nil
+}
+
+func (m *memStore) Save(st State) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.err != nil {
+		return m.err
+	}
+	m.st, m.saved = st, true
+	return nil
+}
+
+// run starts the owner goroutine for the test's lifetime.
+func run(t *testing.T, r *Rollout) {
+	ctx, cancel := context.WithCancel(context.Background())
+	go r.Run(ctx)
+	t.Cleanup(func() { cancel(); <-r.stopped })
+}
+
+// checkNow runs a check on the owner goroutine and waits for it.
+func checkNow(r *Rollout, force bool) {
+	_ = r.do(context.Background(), func() error { r.check(force); return nil })
+}
+
+// due reads the schedule the owner goroutine last published.
+func (r *Rollout) due() time.Time { return r.snap.Load().nextCheck }
 
 func testConfig() Config {
 	return Config{Steps: []float64{1, 5, 10, 25, 50, 100}, Interval: 5 * time.Second, Window: 5 * time.Second,
@@ -121,7 +180,7 @@ func testConfig() Config {
 		HardErrorRate: 0.5, HardMinRequests: 20, HardWindow: 5 * time.Second, MaxDecisions: 50}
 }
 
-func newRollout(t *testing.T, store Store) (*Rollout, *clock, *[]float64) {
+func newRollout(t *testing.T, store Store, onDecision ...func(Decision)) (*Rollout, *clock, *[]float64) {
 	c := &clock{t: time.Unix(10000, 0)}
 	r, err := New(testConfig(), store, 20, c.now)
 	if err != nil {
@@ -129,14 +188,21 @@ func newRollout(t *testing.T, store Store) (*Rollout, *clock, *[]float64) {
 	}
 	var weights []float64
 	r.OnWeight(func(w float64) { weights = append(weights, w) })
+	for _, f := range onDecision {
+		r.OnDecision(f)
+	}
+	r.manual = true
+	run(t, r)
 	return r, c, &weights
 }
 
-// traffic feeds canaryN canary requests and 800 healthy stable ones.
+// traffic feeds canaryN canary requests and 800 healthy stable ones. The
+// canary's failures are spread evenly, so a rate below HardErrorRate never
+// makes a hard-breach run.
 func traffic(r *Rollout, canaryN int, canaryErr float64, canaryLat time.Duration) {
 	const stableN = 800
 	for i := range canaryN {
-		r.Observe(canary.Canary, float64(i%100) < canaryErr*100, canaryLat)
+		r.Observe(canary.Canary, int(float64(i+1)*canaryErr) > int(float64(i)*canaryErr), canaryLat)
 	}
 	for range stableN {
 		r.Observe(canary.Stable, false, 10*time.Millisecond)
@@ -144,20 +210,20 @@ func traffic(r *Rollout, canaryN int, canaryErr float64, canaryLat time.Duration
 }
 
 func TestHealthyRolloutPromotes(t *testing.T) {
-	r, c, weights := newRollout(t, &MemStore{})
+	r, c, weights := newRollout(t, &memStore{})
 	if r.Weight() != 20 {
 		t.Fatalf("idle weight %v, want the config's 20", r.Weight())
 	}
-	if err := r.Start(); err != nil {
+	if err := r.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
 	for i := 0; r.State().Phase == Progressing; i++ {
 		if i > 20 {
 			t.Fatal("never promoted")
 		}
-		c.t = c.t.Add(5 * time.Second)
+		c.add(5 * time.Second)
 		traffic(r, 200, 0, 10*time.Millisecond)
-		r.Check(false)
+		checkNow(r, false)
 	}
 	if st := r.State(); st.Phase != Promoted || st.Weight != 100 {
 		t.Fatalf("%+v", st)
@@ -174,20 +240,20 @@ func TestHealthyRolloutPromotes(t *testing.T) {
 }
 
 func TestFailingCanaryRollsBackAfterConfirm(t *testing.T) {
-	r, c, _ := newRollout(t, &MemStore{})
-	_ = r.Start()
-	c.t = c.t.Add(5 * time.Second)
+	r, c, _ := newRollout(t, &memStore{})
+	_ = r.Start(ctx)
+	c.add(5 * time.Second)
 	traffic(r, 200, 0.3, 10*time.Millisecond) // 30 %: below the hard breach
-	r.Check(false)
+	checkNow(r, false)
 	if st := r.State(); st.Phase != Progressing || st.Failures != 1 {
 		t.Fatalf("after one failed check: %+v", st)
 	}
-	if due := r.Due().Sub(c.t); due != time.Second {
+	if due := r.due().Sub(c.now()); due != time.Second {
 		t.Fatalf("failed check re-checked in %v, want ConfirmAfter (1s)", due)
 	}
-	c.t = c.t.Add(time.Second)
+	c.add(time.Second)
 	traffic(r, 200, 0.3, 10*time.Millisecond)
-	r.Check(false)
+	checkNow(r, false)
 	st := r.State()
 	if st.Phase != RolledBack || st.Weight != 0 {
 		t.Fatalf("not rolled back: %+v", st)
@@ -199,12 +265,12 @@ func TestFailingCanaryRollsBackAfterConfirm(t *testing.T) {
 }
 
 func TestLowTrafficHoldsForever(t *testing.T) {
-	r, c, _ := newRollout(t, &MemStore{})
-	_ = r.Start()
+	r, c, _ := newRollout(t, &memStore{})
+	_ = r.Start(ctx)
 	for range 50 {
-		c.t = c.t.Add(5 * time.Second)
-		traffic(r, 10, 0.5, 10*time.Millisecond) // 2 req/s, even failing ones
-		r.Check(false)
+		c.add(5 * time.Second)
+		traffic(r, 10, 0.3, 10*time.Millisecond) // 2 req/s, even failing ones
+		checkNow(r, false)
 	}
 	st := r.State()
 	if st.Phase != Progressing || st.Weight != 1 {
@@ -216,27 +282,28 @@ func TestLowTrafficHoldsForever(t *testing.T) {
 }
 
 func TestHardBreach(t *testing.T) {
-	r, c, _ := newRollout(t, &MemStore{})
-	_ = r.Start()
+	r, _, _ := newRollout(t, &memStore{})
+	_ = r.Start(ctx)
 	for range 25 {
 		r.Observe(canary.Canary, true, time.Millisecond)
 	}
-	select {
-	case <-r.Breaches():
-	default:
-		t.Fatal("no breach signalled")
+	// The owner goroutine reacts to the breach signal on its own.
+	deadline := time.Now().Add(10 * time.Second)
+	for r.State().Phase != RolledBack {
+		if time.Now().After(deadline) {
+			t.Fatalf("no rollback after a hard breach: %+v", r.State())
+		}
+		time.Sleep(time.Millisecond)
 	}
-	r.HardBreach()
-	if st := r.State(); st.Phase != RolledBack || st.Decisions[len(st.Decisions)-1].Reason != "hard_breach" {
+	if st := r.State(); st.Decisions[len(st.Decisions)-1].Reason != "hard_breach" {
 		t.Fatalf("%+v", st)
 	}
-	_ = c
 }
 
 func TestManualActionsAndConflicts(t *testing.T) {
-	r, _, _ := newRollout(t, &MemStore{})
-	for name, f := range map[string]func() error{"promote": r.Promote, "pause": r.Pause, "resume": r.Resume, "abort": r.Abort} {
-		if err := f(); !errors.Is(err, ErrConflict) {
+	r, _, _ := newRollout(t, &memStore{})
+	for name, f := range map[string]func(context.Context) error{"promote": r.Promote, "pause": r.Pause, "resume": r.Resume, "abort": r.Abort} {
+		if err := f(ctx); !errors.Is(err, ErrConflict) {
 			t.Errorf("%s when Idle: %v, want conflict", name, err)
 		}
 	}
@@ -246,19 +313,19 @@ func TestManualActionsAndConflicts(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	must(r.Start())
-	must(r.Pause())
-	r.Check(true)
+	must(r.Start(ctx))
+	must(r.Pause(ctx))
+	checkNow(r, true)
 	if r.State().Phase != Paused {
 		t.Fatal("paused rollout was checked")
 	}
-	must(r.Resume())
-	must(r.Abort())
+	must(r.Resume(ctx))
+	must(r.Abort(ctx))
 	if st := r.State(); st.Phase != RolledBack || st.Weight != 0 {
 		t.Fatalf("%+v", st)
 	}
-	must(r.Start())
-	must(r.Promote())
+	must(r.Start(ctx))
+	must(r.Promote(ctx))
 	if r.Weight() != 100 {
 		t.Fatal("promote did not go to 100")
 	}
@@ -271,11 +338,11 @@ func TestResumeAtSameWeightAfterRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	r, c, _ := newRollout(t, s)
-	_ = r.Start()
+	_ = r.Start(ctx)
 	for range 3 {
-		c.t = c.t.Add(5 * time.Second)
+		c.add(5 * time.Second)
 		traffic(r, 200, 0, 10*time.Millisecond)
-		r.Check(false)
+		checkNow(r, false)
 	}
 	before := r.State()
 	_ = s.Close()
@@ -299,25 +366,142 @@ func TestResumeAtSameWeightAfterRestart(t *testing.T) {
 }
 
 func TestStoreFailureIsReported(t *testing.T) {
-	r, _, _ := newRollout(t, &MemStore{Err: errors.New("disk full")})
 	var got []Decision
-	r.OnDecision(func(d Decision) { got = append(got, d) })
-	_ = r.Start()
+	r, _, _ := newRollout(t, &memStore{err: errors.New("disk full")}, func(d Decision) { got = append(got, d) })
+	_ = r.Start(ctx)
 	if len(got) != 2 || got[0].Decision != "error" || got[0].Reason != "state_store" {
 		t.Fatalf("store failure not reported: %+v", got)
 	}
 }
 
 func TestSlowCanaryRollsBackForLatency(t *testing.T) {
-	r, c, _ := newRollout(t, &MemStore{})
-	_ = r.Start()
+	r, c, _ := newRollout(t, &memStore{})
+	_ = r.Start(ctx)
 	for range 2 {
-		c.t = c.t.Add(5 * time.Second)
+		c.add(5 * time.Second)
 		traffic(r, 200, 0, 40*time.Millisecond) // stable answers in 10 ms
-		r.Check(true)
+		checkNow(r, true)
 	}
 	st := r.State()
 	if st.Phase != RolledBack || st.Decisions[len(st.Decisions)-1].Reason != "latency_ratio" {
 		t.Fatalf("%+v", st.Decisions[len(st.Decisions)-1])
+	}
+}
+
+// TestAllFailingCanaryWithNoAbsoluteLimitSavesItsRollback: with
+// max_error_rate 0 the relative test decides, and a canary failing every
+// request against a clean stable has no variance on either side. The z
+// statistic once came out +Inf, which JSON cannot encode, so the rollback
+// was never saved and the API could not serve the state.
+func TestAllFailingCanaryWithNoAbsoluteLimitSavesItsRollback(t *testing.T) {
+	j := Judge(Thresholds{MinRequests: 50, MaxErrorRateDelta: 0.01, Confidence: 0.99}, stats(200, 200, 0), stats(2000, 0, 0))
+	if j.Verdict != Fail || j.Check != "error_rate" {
+		t.Fatalf("got %s/%s (%s), want fail/error_rate", j.Verdict, j.Check, j.Detail)
+	}
+	if _, err := json.Marshal(j); err != nil {
+		t.Fatalf("judgement does not encode: %v (%v)", err, j.Values)
+	}
+
+	dir := t.TempDir()
+	s, err := OpenBoltStore(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := testConfig()
+	cfg.Thresholds.MaxErrorRate = 0
+	cfg.HardMinRequests = 0 // the analysis, not the hard breach, must decide
+	c := &clock{t: time.Unix(10000, 0)}
+	r, err := New(cfg, s, 0, c.now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var errs []Decision
+	r.OnDecision(func(d Decision) {
+		if d.Decision == "error" {
+			errs = append(errs, d)
+		}
+	})
+	r.manual = true
+	run(t, r)
+	if err := r.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for range cfg.FailureThreshold {
+		c.add(5 * time.Second)
+		traffic(r, 200, 1, 10*time.Millisecond)
+		checkNow(r, false)
+	}
+	st := r.State()
+	if st.Phase != RolledBack || st.Decisions[len(st.Decisions)-1].Reason != "error_rate" {
+		t.Fatalf("not rolled back for its error rate: %+v", st.Decisions[len(st.Decisions)-1])
+	}
+	if len(errs) > 0 {
+		t.Fatalf("state not saved: %+v", errs)
+	}
+	if _, err := json.Marshal(st); err != nil {
+		t.Fatalf("state does not encode: %v", err)
+	}
+	_ = s.Close()
+	s2, err := OpenBoltStore(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	saved, ok, err := s2.Load()
+	if err != nil || !ok || saved.Phase != RolledBack {
+		t.Fatalf("saved state: %+v %v %v", saved.Phase, ok, err)
+	}
+}
+
+// TestConcurrentActionsReadsAndReloadsNeverWedge runs what users do at once:
+// actions, reloads, reads and traffic, with a weight listener that reads
+// the rollout back (as the server's does). A lock cycle between the
+// listeners and the state once wedged every reader for good.
+func TestConcurrentActionsReadsAndReloadsNeverWedge(t *testing.T) {
+	s := &memStore{}
+	r, err := New(testConfig(), s, 0, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var applied atomic.Int64
+	r.OnWeight(func(w float64) {
+		_ = r.State()
+		if r.Weight() != w {
+			t.Errorf("listener saw weight %v while the snapshot says %v", w, r.Weight())
+		}
+		applied.Add(1)
+	})
+	run(t, r)
+	actions := []func(context.Context) error{r.Start, r.Promote, r.Abort, r.Pause, r.Resume, r.Start}
+	var wg sync.WaitGroup
+	stop := time.Now().Add(2 * time.Second)
+	for g := range 4 {
+		wg.Go(func() {
+			for i := g; time.Now().Before(stop); i++ {
+				switch g {
+				case 0, 1:
+					if err := actions[i%len(actions)](ctx); err != nil && !errors.Is(err, ErrConflict) {
+						t.Errorf("action: %v", err)
+					}
+				case 2:
+					if err := r.Reconfigure(ctx, float64(i%3), func(float64) error { _ = r.State(); return nil }); err != nil {
+						t.Errorf("reconfigure: %v", err)
+					}
+				default:
+					_, _ = r.State(), r.Weight()
+					r.Observe(canary.Canary, i%2 == 0, time.Millisecond)
+				}
+			}
+		})
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("wedged: actions, reloads and reads did not finish")
+	}
+	if applied.Load() < 10 {
+		t.Fatalf("only %d weights applied", applied.Load())
 	}
 }

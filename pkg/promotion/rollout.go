@@ -4,9 +4,12 @@
 package promotion
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/knhk/knhk/pkg/canary"
@@ -77,27 +80,53 @@ type Store interface {
 	Save(State) error
 }
 
-// Rollout is the state machine. Methods are safe for concurrent use.
+// ErrStopped is returned for an action sent after the rollout's owner
+// goroutine (Run) has stopped.
+var ErrStopped = errors.New("rollout stopped")
+
+// Rollout is the state machine. One goroutine, Run, owns the state: every
+// transition (manual actions, scheduled checks, hard breaches, reloads)
+// runs there, one at a time, and readers see an immutable snapshot through
+// an atomic pointer. Weight and decision listeners are called on that
+// goroutine, in commit order, with no lock held; they must not call the
+// rollout's actions (that would wait on itself) but may read snapshots.
 type Rollout struct {
 	cfg    Config
 	store  Store
 	window *Window
 	now    func() time.Time
 
-	mu        sync.Mutex
-	notifyMu  sync.Mutex // keeps listeners seeing weights in commit order
+	snap    atomic.Pointer[snapshot] // what readers see; replaced whole
+	ops     chan op                  // transitions for the owner goroutine
+	stopped chan struct{}            // closed when Run returns
+	running atomic.Bool
+	breach  chan struct{}
+	manual  bool // tests: checks only when asked, never on the timer
+
+	// Owned by the Run goroutine (and by New/On* before Run starts).
 	st        State
 	idle      float64 // weight while Idle (from the config file)
 	nextCheck time.Time
 	listeners []func(weight float64)
 	notify    []func(Decision)
-	breach    chan struct{}
 
-	recentMu sync.Mutex
-	recent   []outcome // ring of the canary's last HardMinRequests outcomes
+	recentMu sync.Mutex // request path only; never held across a call out
+	recent   []outcome  // ring of the canary's last HardMinRequests outcomes
 	recentAt int
 	recentN  int
 	recentEr int
+}
+
+// snapshot is the published, read-only view of the state.
+type snapshot struct {
+	st        State // Decisions is clipped: nobody appends into a published slice
+	nextCheck time.Time
+}
+
+// op is one transition, run on the owner goroutine.
+type op struct {
+	apply func() error
+	done  chan error
 }
 
 type outcome struct {
@@ -105,13 +134,15 @@ type outcome struct {
 	failed bool
 }
 
-// New loads persisted state (or starts Idle at idleWeight).
+// New loads persisted state (or starts Idle at idleWeight). Register
+// listeners, then call Run: actions wait until Run processes them.
 func New(cfg Config, store Store, idleWeight float64, now func() time.Time) (*Rollout, error) {
 	if now == nil {
 		now = time.Now
 	}
 	span := max(cfg.Window, cfg.HardWindow)
-	r := &Rollout{cfg: cfg, store: store, window: NewWindow(span), now: now, idle: idleWeight, breach: make(chan struct{}, 1),
+	r := &Rollout{cfg: cfg, store: store, window: NewWindow(span), now: now, idle: idleWeight,
+		ops: make(chan op), stopped: make(chan struct{}), breach: make(chan struct{}, 1),
 		recent: make([]outcome, cfg.HardMinRequests)}
 	st, ok, err := store.Load()
 	if err != nil {
@@ -126,51 +157,48 @@ func New(cfg Config, store Store, idleWeight float64, now func() time.Time) (*Ro
 	if st.Phase == Progressing || st.Phase == Paused {
 		st.Step = min(st.Step, len(cfg.Steps)-1)
 	}
+	if st.Decisions == nil {
+		st.Decisions = []Decision{}
+	}
 	r.st = st
 	r.nextCheck = now().Add(cfg.Interval)
+	r.publish()
 	return r, nil
 }
 
-// OnWeight registers f to be called (outside the lock, in order) with every
-// new weight. It is called once at registration with the current weight.
+// OnWeight registers f to be called with every new weight, on the owner
+// goroutine, in commit order. It is called once at registration with the
+// current weight. Register before Run.
 func (r *Rollout) OnWeight(f func(float64)) {
-	r.mu.Lock()
+	if r.running.Load() {
+		panic("promotion: OnWeight after Run") // a wiring bug, not input
+	}
 	r.listeners = append(r.listeners, f)
-	w := r.st.Weight
-	r.mu.Unlock()
-	f(w)
+	f(r.st.Weight)
 }
 
-// OnDecision registers f for every decision (logs, metrics, webhooks).
+// OnDecision registers f for every decision (logs, metrics, webhooks), on
+// the owner goroutine. Register before Run.
 func (r *Rollout) OnDecision(f func(Decision)) {
-	r.mu.Lock()
+	if r.running.Load() {
+		panic("promotion: OnDecision after Run")
+	}
 	r.notify = append(r.notify, f)
-	r.mu.Unlock()
 }
 
-// Weight is the current canary weight in percent.
-func (r *Rollout) Weight() float64 {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.st.Weight
-}
+// Weight is the current canary weight in percent. Safe from any goroutine.
+func (r *Rollout) Weight() float64 { return r.snap.Load().st.Weight }
 
-// State returns a copy of the state.
-func (r *Rollout) State() State {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	st := r.st
-	st.Decisions = append([]Decision(nil), r.st.Decisions...)
-	return st
-}
+// State returns the current state. Safe from any goroutine; the result is
+// shared and must not be modified.
+func (r *Rollout) State() State { return r.snap.Load().st }
 
 // Window exposes the observation window (for the API's live figures).
 func (r *Rollout) Window() *Window { return r.window }
 
-// Breaches signals a hard breach; the run loop reacts at once.
-func (r *Rollout) Breaches() <-chan struct{} { return r.breach }
-
-// Observe records one finished request and checks for a hard breach.
+// Observe records one finished request and checks for a hard breach. It
+// runs on the request path: it takes only the window's and the ring's
+// short locks, and signals the owner goroutine without waiting.
 func (r *Rollout) Observe(v canary.Version, failed bool, latency time.Duration) {
 	now := r.now()
 	r.window.Observe(now, v, failed, latency)
@@ -221,39 +249,59 @@ func (r *Rollout) resetRecent() {
 	r.recentMu.Unlock()
 }
 
-// SetIdleWeight changes the weight used while Idle (config reload).
-func (r *Rollout) SetIdleWeight(w float64) {
-	r.mu.Lock()
-	r.idle = w
-	if r.st.Phase != Idle || r.st.Weight == w {
-		r.mu.Unlock()
-		return
+// do runs apply on the owner goroutine and waits for it, for ctx, or for
+// Run to stop.
+func (r *Rollout) do(ctx context.Context, apply func() error) error {
+	o := op{apply: apply, done: make(chan error, 1)}
+	select {
+	case r.ops <- o:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-r.stopped:
+		return ErrStopped
 	}
-	r.st.Weight = w
-	r.commit(nil)
+	// Once taken, the op runs to completion: wait for it, not for ctx, so
+	// the caller learns what happened.
+	return <-o.done
 }
 
-// transition applies an action under the lock and then commits.
-func (r *Rollout) transition(action string, allowed []Phase, apply func()) error {
-	r.mu.Lock()
-	ok := false
-	for _, p := range allowed {
-		ok = ok || r.st.Phase == p
-	}
-	if !ok {
-		phase := r.st.Phase
-		r.mu.Unlock()
-		return fmt.Errorf("%w: cannot %s a rollout that is %s (allowed from %v)", ErrConflict, action, phase, allowed)
-	}
-	apply()
-	d := Decision{Decision: action, Reason: "manual", Detail: "manual " + action}
-	r.commit(&d)
-	return nil
+// Reconfigure sets the weight used while Idle and runs apply (which may be
+// nil) on the owner goroutine with the weight then in force, before the
+// weight listeners hear of any change. A config reload uses it so that
+// installing new routing can never interleave with a weight change.
+func (r *Rollout) Reconfigure(ctx context.Context, idle float64, apply func(weight float64) error) error {
+	return r.do(ctx, func() error {
+		r.idle = idle
+		if apply != nil {
+			if err := apply(r.st.Weight); err != nil {
+				return err
+			}
+		}
+		if r.st.Phase != Idle || r.st.Weight == idle {
+			return nil
+		}
+		r.st.Weight = idle
+		r.commit(nil)
+		return nil
+	})
+}
+
+// transition applies a manual action on the owner goroutine.
+func (r *Rollout) transition(ctx context.Context, action string, allowed []Phase, apply func()) error {
+	return r.do(ctx, func() error {
+		if !slices.Contains(allowed, r.st.Phase) {
+			return fmt.Errorf("%w: cannot %s a rollout that is %s (allowed from %v)", ErrConflict, action, r.st.Phase, allowed)
+		}
+		apply()
+		d := Decision{Decision: action, Reason: "manual", Detail: "manual " + action}
+		r.commit(&d)
+		return nil
+	})
 }
 
 // Start begins a rollout at the first step.
-func (r *Rollout) Start() error {
-	return r.transition("start", []Phase{Idle, Promoted, RolledBack}, func() {
+func (r *Rollout) Start(ctx context.Context) error {
+	return r.transition(ctx, "start", []Phase{Idle, Promoted, RolledBack}, func() {
 		r.st.Phase, r.st.Step, r.st.Failures = Progressing, 0, 0
 		r.st.Weight = r.cfg.Steps[0]
 		r.resetRecent()
@@ -262,46 +310,38 @@ func (r *Rollout) Start() error {
 }
 
 // Promote jumps to 100 %.
-func (r *Rollout) Promote() error {
-	return r.transition("promote", []Phase{Progressing, Paused}, func() {
+func (r *Rollout) Promote(ctx context.Context) error {
+	return r.transition(ctx, "promote", []Phase{Progressing, Paused}, func() {
 		r.st.Phase, r.st.Weight, r.st.Failures = Promoted, 100, 0
 		r.st.Step = len(r.cfg.Steps) - 1
 	})
 }
 
 // Pause freezes the weight; checks stop.
-func (r *Rollout) Pause() error {
-	return r.transition("pause", []Phase{Progressing}, func() { r.st.Phase = Paused })
+func (r *Rollout) Pause(ctx context.Context) error {
+	return r.transition(ctx, "pause", []Phase{Progressing}, func() { r.st.Phase = Paused })
 }
 
 // Resume continues from the paused step.
-func (r *Rollout) Resume() error {
-	return r.transition("resume", []Phase{Paused}, func() {
+func (r *Rollout) Resume(ctx context.Context) error {
+	return r.transition(ctx, "resume", []Phase{Paused}, func() {
 		r.st.Phase, r.st.Failures = Progressing, 0
 		r.nextCheck = r.now().Add(r.cfg.Interval)
 	})
 }
 
 // Abort rolls back to weight 0.
-func (r *Rollout) Abort() error {
-	return r.transition("abort", []Phase{Progressing, Paused}, func() {
+func (r *Rollout) Abort(ctx context.Context) error {
+	return r.transition(ctx, "abort", []Phase{Progressing, Paused}, func() {
 		r.st.Phase, r.st.Weight, r.st.Failures = RolledBack, 0, 0
 	})
 }
 
-// Due reports when the next check is due.
-func (r *Rollout) Due() time.Time {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.nextCheck
-}
-
-// Check judges the canary if a check is due (or force), and acts.
-func (r *Rollout) Check(force bool) {
+// check judges the canary if a check is due (or force), and acts. Owner
+// goroutine only.
+func (r *Rollout) check(force bool) {
 	now := r.now()
-	r.mu.Lock()
 	if r.st.Phase != Progressing || (!force && now.Before(r.nextCheck)) {
-		r.mu.Unlock()
 		return
 	}
 	j := Judge(r.cfg.Thresholds, r.window.Stats(now, canary.Canary, r.cfg.Window), r.window.Stats(now, canary.Stable, r.cfg.Window))
@@ -336,12 +376,11 @@ func (r *Rollout) Check(force bool) {
 	r.commit(&d)
 }
 
-// HardBreach rolls back at once if the canary is still failing hard.
-func (r *Rollout) HardBreach() {
+// hardBreach rolls back at once if the canary is still failing hard.
+// Owner goroutine only.
+func (r *Rollout) hardBreach() {
 	errs, n, breached := r.hardBreached(r.now())
-	r.mu.Lock()
 	if !breached || (r.st.Phase != Progressing && r.st.Phase != Paused) {
-		r.mu.Unlock()
 		return
 	}
 	r.st.Phase, r.st.Weight, r.st.Failures = RolledBack, 0, 0
@@ -351,8 +390,15 @@ func (r *Rollout) HardBreach() {
 	r.commit(&d)
 }
 
-// commit persists the state, appends d (if any) and notifies listeners. It
-// is called with r.mu held and releases it.
+// publish replaces the readers' snapshot. Owner goroutine only.
+func (r *Rollout) publish() {
+	st := r.st
+	st.Decisions = slices.Clip(st.Decisions)
+	r.snap.Store(&snapshot{st: st, nextCheck: r.nextCheck})
+}
+
+// commit persists the state, appends d (if any), publishes the snapshot
+// and notifies listeners. Owner goroutine only; no lock is held.
 func (r *Rollout) commit(d *Decision) {
 	now := r.now()
 	r.st.Updated = now
@@ -363,46 +409,51 @@ func (r *Rollout) commit(d *Decision) {
 			r.st.Decisions = append([]Decision(nil), r.st.Decisions[len(r.st.Decisions)-n:]...)
 		}
 	}
-	st := r.st
-	listeners, notify := r.listeners, r.notify
 	// Persist before anyone acts on the new weight: after a crash knhk
 	// resumes at a weight Envoy may already have, never at an older one.
-	err := r.store.Save(st)
-	r.notifyMu.Lock()
-	defer r.notifyMu.Unlock()
-	r.mu.Unlock()
-	for _, f := range listeners {
-		f(st.Weight)
+	err := r.store.Save(r.st)
+	r.publish()
+	for _, f := range r.listeners {
+		f(r.st.Weight)
 	}
 	if err != nil {
-		e := Decision{Time: now, Decision: "error", Reason: "state_store", Detail: "saving rollout state: " + err.Error(), Weight: st.Weight, Phase: st.Phase}
-		for _, f := range notify {
+		e := Decision{Time: now, Decision: "error", Reason: "state_store", Detail: "saving rollout state: " + err.Error(), Weight: r.st.Weight, Phase: r.st.Phase}
+		for _, f := range r.notify {
 			f(e)
 		}
 	}
 	if d != nil {
-		for _, f := range notify {
+		for _, f := range r.notify {
 			f(*d)
 		}
 	}
 }
 
-// Run checks on schedule and reacts to hard breaches until ctx is done.
-func (r *Rollout) Run(done <-chan struct{}) {
+// Run is the owner goroutine: it applies transitions, checks on schedule
+// and reacts to hard breaches until ctx is done. Call it once.
+func (r *Rollout) Run(ctx context.Context) {
+	r.running.Store(true)
+	defer close(r.stopped)
+	t := time.NewTimer(0)
+	defer t.Stop()
 	for {
-		wait := time.Until(r.Due())
-		// Re-read the schedule at least every second: Start and Resume move it.
-		wait = min(max(wait, 10*time.Millisecond), time.Second)
-		t := time.NewTimer(wait)
+		// Re-read the schedule at least every second, and after every
+		// transition (Start and Resume move it).
+		wait := min(max(r.nextCheck.Sub(r.now()), 10*time.Millisecond), time.Second)
+		t.Reset(wait)
+		tick := t.C
+		if r.manual {
+			tick = nil
+		}
 		select {
-		case <-done:
-			t.Stop()
+		case <-ctx.Done():
 			return
+		case o := <-r.ops:
+			o.done <- o.apply()
 		case <-r.breach:
-			t.Stop()
-			r.HardBreach()
-		case <-t.C:
-			r.Check(false)
+			r.hardBreach()
+		case <-tick:
+			r.check(false)
 		}
 	}
 }

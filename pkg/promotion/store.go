@@ -1,6 +1,7 @@
 package promotion
 
 import (
+	"errors"
 	"encoding/json"
 	"fmt"
 	"path/filepath"
@@ -24,8 +25,12 @@ type BoltStore struct {
 func OpenBoltStore(dir string) (*BoltStore, error) {
 	path := filepath.Join(dir, "state.db")
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
-	if err != nil {
-		return nil, fmt.Errorf("open %s: %w (is another knhk using this data_dir?)", path, err)
+	switch {
+	case errors.Is(err, bolt.ErrTimeout):
+		// The file lock is held: only then is another process the likely cause.
+		return nil, fmt.Errorf("%s is locked: is another knhk using this data_dir?", path)
+	case err != nil:
+		return nil, err // an *fs.PathError already names the file
 	}
 	return &BoltStore{db: db}, nil
 }
@@ -69,20 +74,3 @@ func (s *BoltStore) Save(st State) error {
 
 // Close closes the file.
 func (s *BoltStore) Close() error { return s.db.Close() }
-
-// MemStore is a Store in memory, for tests and tools.
-type MemStore struct {
-	St    State
-	Saved bool
-	Err   error
-}
-
-func (m *MemStore) Load() (State, bool, error) { return m.St, m.Saved, nil }
-
-func (m *MemStore) Save(st State) error {
-	if m.Err != nil {
-		return m.Err
-	}
-	m.St, m.Saved = st, true
-	return nil
-}
