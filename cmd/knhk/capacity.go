@@ -15,12 +15,17 @@ import (
 func capacityCmd(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("capacity", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	admin := adminURL(fs)
+	adminURL(fs)
 	asJSON := fs.Bool("json", false, "print the raw JSON of GET /v1/capacity")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	resp, err := httpClient.Get(strings.TrimRight(*admin, "/") + "/v1/capacity")
+	base, err := adminFlagBase(fs)
+	if err != nil {
+		fmt.Fprintln(stderr, "knhk capacity:", err)
+		return 2
+	}
+	resp, err := adminCall(http.MethodGet, base, "/v1/capacity")
 	if err != nil {
 		fmt.Fprintln(stderr, "knhk capacity:", err)
 		return 1

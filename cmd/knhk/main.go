@@ -11,13 +11,15 @@ import (
 const usage = `knhk — canary routing, admission and receipts beside Envoy
 
 usage:
-  knhk serve [--config FILE] [--data-dir DIR] [--grpc-addr ADDR] [--admin-addr ADDR] [--log-level LEVEL]
+  knhk serve [--config FILE] [--data-dir DIR] [--grpc-addr ADDR] [--xds-addr ADDR] [--admin-addr ADDR] [--log-level LEVEL]
   knhk envoy-config [--config FILE] [--listener-port N] [--admin-port N] [--failure-mode-allow=BOOL] [--xds-api delta|sotw]
-  knhk start|promote|pause|resume|abort [--admin URL]
-  knhk status [--watch] [--json] [--admin URL]
-  knhk capacity [--json] [--admin URL]
-  knhk receipt verify [--keys FILE|URL] [--bundle FILE|URL] [--admin URL] [TOKEN]
+  knhk start|promote|pause|resume|abort [--admin HOST:PORT|URL]
+  knhk status [--watch] [--json] [--admin HOST:PORT|URL]
+  knhk capacity [--json] [--admin HOST:PORT|URL]
+  knhk receipt verify [--keys FILE|URL] [--bundle FILE|URL] [--admin HOST:PORT|URL] [TOKEN]
   knhk version
+
+--admin (default $KNHK_ADMIN, then 127.0.0.1:9090) is the admin API: host:port or http(s)://host:port.
 `
 
 var version = "dev"

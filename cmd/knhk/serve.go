@@ -40,6 +40,7 @@ func serve(args []string, stderr io.Writer) int {
 	cfgPath := fs.String("config", "", "config file (YAML); embedded loopback defaults when empty")
 	dataDir := fs.String("data-dir", "", "state directory (default ./data, or data_dir in the config)")
 	grpcAddr := fs.String("grpc-addr", "", "ext_proc/health gRPC listen address (overrides listen.grpc)")
+	xdsAddr := fs.String("xds-addr", "", "xDS (ADS) listen address for Envoy (overrides listen.xds)")
 	adminAddr := fs.String("admin-addr", "", "admin HTTP listen address (overrides listen.admin)")
 	logLevel := fs.String("log-level", "", "debug, info, warn or error (overrides log.level)")
 	if err := fs.Parse(args); err != nil {
@@ -51,6 +52,9 @@ func serve(args []string, stderr io.Writer) int {
 		}
 		if *grpcAddr != "" {
 			c.Listen.GRPC = *grpcAddr
+		}
+		if *xdsAddr != "" {
+			c.Listen.XDS = *xdsAddr
 		}
 		if *adminAddr != "" {
 			c.Listen.Admin = *adminAddr
@@ -79,19 +83,16 @@ func serve(args []string, stderr io.Writer) int {
 
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
+	defer func() { signal.Stop(hup); close(hup) }() // no more signals after Stop: closing is safe
 	go func() {
 		for range hup {
 			if *cfgPath == "" {
 				log.Warn("SIGHUP ignored: no --config file to reload")
 				continue
 			}
-			next, err := loadConfig(*cfgPath, override)
-			if err == nil {
-				err = srv.Reload(next)
-			}
-			if err != nil {
-				log.Error("config reload rejected; keeping the running config", "error", err.Error())
-			}
+			// The server counts and logs every rejected reload, a file that
+			// does not load as much as a config it refuses.
+			_ = srv.ReloadFrom(func() (config.Config, error) { return loadConfig(*cfgPath, override) })
 		}
 	}()
 

@@ -282,12 +282,12 @@ func (c *Config) validate(file string) error {
 		return fail("upstreams.stable", "needs at least one host:port")
 	}
 	for i, a := range c.Upstreams.Stable {
-		if err := checkAddr(a); err != nil {
+		if err := checkDialAddr(a); err != nil {
 			return fail(fmt.Sprintf("upstreams.stable[%d]", i), "%v", err)
 		}
 	}
 	for i, a := range c.Upstreams.Canary {
-		if err := checkAddr(a); err != nil {
+		if err := checkDialAddr(a); err != nil {
 			return fail(fmt.Sprintf("upstreams.canary[%d]", i), "%v", err)
 		}
 	}
@@ -316,12 +316,12 @@ func (c *Config) validate(file string) error {
 		return fail("envoy.message_timeout", "must be positive, got %s", c.Envoy.MessageTimeout.D())
 	}
 	if c.Envoy.KnhkAddress != "" {
-		if err := checkAddr(c.Envoy.KnhkAddress); err != nil {
+		if err := checkDialAddr(c.Envoy.KnhkAddress); err != nil {
 			return fail("envoy.knhk_address", "%v", err)
 		}
 	}
 	if c.Envoy.XDSAddress != "" {
-		if err := checkAddr(c.Envoy.XDSAddress); err != nil {
+		if err := checkDialAddr(c.Envoy.XDSAddress); err != nil {
 			return fail("envoy.xds_address", "%v", err)
 		}
 	}
@@ -384,18 +384,28 @@ func (c *Config) StickySources() ([]canary.Source, error) {
 	return out, nil
 }
 
-// checkAddr validates host:port with a numeric port.
-func checkAddr(a string) error {
+// checkAddr validates a listen address: host:port with a numeric port, 0
+// meaning any free port.
+func checkAddr(a string) error { return checkHostPort(a, 0) }
+
+// checkDialAddr validates an address knhk or Envoy connects to, where port 0
+// means nothing.
+func checkDialAddr(a string) error { return checkHostPort(a, 1) }
+
+func checkHostPort(a string, minPort int) error {
 	host, port, err := net.SplitHostPort(a)
 	if err != nil {
 		return fmt.Errorf("%q is not host:port", a)
 	}
-	if host == "" {
+	if host == "" && minPort == 0 {
 		return fmt.Errorf("%q has no host (use 127.0.0.1 for loopback, 0.0.0.0 to listen everywhere)", a)
 	}
+	if host == "" {
+		return fmt.Errorf("%q has no host (use 127.0.0.1 for this machine)", a)
+	}
 	p, err := strconv.Atoi(port)
-	if err != nil || p < 0 || p > 65535 {
-		return fmt.Errorf("%q: port must be a number 0..65535", a)
+	if err != nil || p < minPort || p > 65535 {
+		return fmt.Errorf("%q: port must be %d..65535", a, minPort)
 	}
 	return nil
 }

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"go.yaml.in/yaml/v3"
 )
 
 func TestDefaultsAreValid(t *testing.T) {
@@ -56,7 +58,7 @@ func TestErrorsNameFileKeyAndReason(t *testing.T) {
 	cases := []errCase{
 		{"canary:\n  weight: 150\n", "config bad.yaml: canary.weight: weight must be between 0 and 100, got 150"},
 		{"canary:\n  wieght: 5\n", "config bad.yaml:2: canary.wieght: unknown key"},
-		{"canary:\n  weight: lots\n", "config bad.yaml:2: canary.weight: cannot unmarshal"},
+		{"canary:\n  weight: lots\n", "config bad.yaml:2: canary.weight: want a number, got \"lots\""},
 		{"upstreams:\n  stable: []\n", "upstreams.stable: needs at least one host:port"},
 		{"upstreams:\n  stable: [\"nope\"]\n", "upstreams.stable[0]: \"nope\" is not host:port"},
 		{"upstreams:\n  canary: []\n", "upstreams.canary: empty, but canary.weight is 20"},
@@ -64,7 +66,7 @@ func TestErrorsNameFileKeyAndReason(t *testing.T) {
 		{"canary:\n  sticky_keys: [\"header:a\", \"header:A\"]\n", "canary.sticky_keys: [1] \"header:A\" listed twice"},
 		{"listen:\n  grpc: \":9002\"\n", "listen.grpc: \":9002\" has no host"},
 		{"drain_timeout: -1s\n", "drain_timeout: must not be negative"},
-		{"drain_timeout: soon\n", "config bad.yaml:1: drain_timeout: \"soon\" is not a duration"},
+		{"drain_timeout: soon\n", "config bad.yaml:1: drain_timeout: want a duration like \"5s\" or \"200ms\", got \"soon\""},
 		{"envoy:\n  listener_port: 70000\n", "envoy.listener_port: must be 1..65535"},
 		{"log:\n  level: loud\n", "log.level: \"loud\" is not one of"},
 		{"- a\n- b\n", "the file must be a mapping"},
@@ -175,4 +177,117 @@ func TestReceiptsErrors(t *testing.T) {
 		{"receipts:\n  batch_max_age: 2s\n", "receipts.batch_max_age"},
 	}
 	expectErrors(t, "rc.yaml", cases)
+}
+
+// A value of the wrong type is reported with the file, the line, the key's
+// full path, what the key takes, and the value as written.
+func TestTypeErrorsSayWhatWasExpected(t *testing.T) {
+	long := strings.Repeat("x", 300)
+	cases := []struct{ yaml, want string }{
+		{"rollout:\n  interval: abcdefghijklmnop\n",
+			`config t.yaml:2: rollout.interval: want a duration like "5s" or "200ms", got "abcdefghijklmnop"`},
+		{"drain_timeout: 10\n",
+			`config t.yaml:1: drain_timeout: want a duration like "5s" or "200ms", got "10"`},
+		{"canary:\n  weight: \"20\"\n",
+			`config t.yaml:2: canary.weight: want a number, got "20" (in quotes, so a string: remove the quotes)`},
+		{"rollout:\n  min_requests: -5\n",
+			`config t.yaml:2: rollout.min_requests: want a whole number, 0 or more, got "-5"`},
+		{"envoy:\n  listener_port: 1.5\n",
+			`config t.yaml:2: envoy.listener_port: want a whole number, got "1.5"`},
+		{"envoy:\n  failure_mode_allow: maybe\n",
+			`config t.yaml:2: envoy.failure_mode_allow: want true or false, got "maybe"`},
+		{"rollout:\n  steps: 5\n",
+			`config t.yaml:2: rollout.steps: want a list of numbers, got "5"`},
+		{"rollout:\n  steps: [1, x, 100]\n",
+			`config t.yaml:2: rollout.steps[1]: want a number, got "x"`},
+		{"upstreams:\n  stable: 127.0.0.1:8001\n",
+			`config t.yaml:2: upstreams.stable: want a list of strings, got "127.0.0.1:8001"`},
+		{"envoy: 5\n",
+			`config t.yaml:1: envoy: want a mapping of keys, got "5"`},
+		{"log:\n  level: {a: 1}\n",
+			`config t.yaml:2: log.level: want a string, got a mapping`},
+		{"listen: {grpc: \"127.0.0.1:1\", admin: [x]}\n",
+			`config t.yaml:1: listen.admin: want a string, got a list`},
+		{"flags:\n  x:\n    percent: half\n",
+			`config t.yaml:3: flags.x.percent: want a number, got "half"`},
+		{"flags:\n  x: true\n",
+			`config t.yaml:2: flags.x: want a mapping of keys, got "true"`},
+		{"admission:\n  classes:\n    R1:\n      budget: fast\n",
+			`config t.yaml:4: admission.classes.R1.budget: want a duration like "5s" or "200ms", got "fast"`},
+		{"rollout:\n  webhooks:\n    - url: \"http://x\"\n      timeout: never\n",
+			`config t.yaml:4: rollout.webhooks[0].timeout: want a duration like "5s" or "200ms", got "never"`},
+		{"rollout:\n  webhooks: {url: \"http://x\"}\n",
+			`config t.yaml:2: rollout.webhooks: want a list of mappings, got a mapping`},
+		{"canary: &c {weight: 5}\ndrain_timeout: *c\n",
+			`config t.yaml:1: drain_timeout: want a duration like "5s" or "200ms", got a mapping`},
+		{"drain_timeout: " + long + "\n",
+			`config t.yaml:1: drain_timeout: want a duration like "5s" or "200ms", got "` + long[:200] + `"…(300 bytes)`},
+	}
+	for _, c := range cases {
+		_, err := Parse("t.yaml", []byte(c.yaml))
+		if err == nil || err.Error() != c.want {
+			t.Errorf("%q:\n got  %v\n want %s", c.yaml, err, c.want)
+		}
+	}
+}
+
+// The check follows YAML's own rules: what the decoder takes is not refused.
+func TestTypeCheckAcceptsWhatYAMLAccepts(t *testing.T) {
+	c, err := Parse("ok.yaml", []byte(`
+drain_timeout: &d 3s
+canary:
+  weight: 7
+  salt: 1234
+envoy:
+  failure_mode_allow: false
+  message_timeout: 1s
+rollout:
+  steps: [1, 2.5, 100]
+  min_requests: 0x10
+  interval: *d
+flags:
+  x: {percent: 5, environments: {production: true}}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Canary.Weight != 7 || c.Canary.Salt != "1234" || c.Rollout.MinRequests != 16 || *c.Flags["x"].Percent != 5 || c.Rollout.Interval.D() != 3*time.Second {
+		t.Fatalf("%+v", c)
+	}
+}
+
+func TestUpstreamPortZeroRefused(t *testing.T) {
+	cases := []errCase{
+		{"upstreams:\n  stable: [\"127.0.0.1:0\"]\n", `upstreams.stable[0]: "127.0.0.1:0": port must be 1..65535`},
+		{"upstreams:\n  canary: [\"127.0.0.1:8002\", \"10.0.0.1:0\"]\n", `upstreams.canary[1]: "10.0.0.1:0": port must be 1..65535`},
+		{"upstreams:\n  stable: [\"127.0.0.1:65536\"]\n", `upstreams.stable[0]: "127.0.0.1:65536": port must be 1..65535`},
+		{"envoy:\n  knhk_address: \"knhk:0\"\n", `envoy.knhk_address: "knhk:0": port must be 1..65535`},
+		{"envoy:\n  xds_address: \"knhk:0\"\n", `envoy.xds_address: "knhk:0": port must be 1..65535`},
+	}
+	expectErrors(t, "u.yaml", cases)
+	// A listener may still ask for any free port.
+	if _, err := Parse("l.yaml", []byte("listen: {grpc: \"127.0.0.1:0\", xds: \"127.0.0.1:0\", admin: \"127.0.0.1:0\"}\n")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Tools write configs with yaml.Marshal (the e2e harness does): what it
+// writes must pass the type check, flags and admission rules included.
+func TestMarshalledConfigParses(t *testing.T) {
+	c := Default()
+	half := 50.0
+	c.Flags = map[string]Flag{"x": {Percent: &half, Environments: map[string]bool{"production": true}}}
+	c.Admission.Rules = []ClassRule{{Class: "C1", PathPrefix: "/batch", Methods: []string{"POST"}}}
+	c.Rollout.Webhooks = []Webhook{{URL: "http://127.0.0.1:1/hook", Timeout: Duration(time.Second)}}
+	b, err := yaml.Marshal(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := Parse("m.yaml", b)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, b)
+	}
+	if *got.Flags["x"].Percent != 50 || got.Rollout.Webhooks[0].Timeout.D() != time.Second || len(got.Admission.Rules) != 1 {
+		t.Fatalf("%+v", got)
+	}
 }

@@ -49,6 +49,11 @@ func (f *Files) load() error {
 			return fmt.Errorf("identity file %s: %w", p, err)
 		}
 		m[i] = st.ModTime()
+		// Stat follows symlinks (a Kubernetes secret volume), so this is
+		// the mode of the key itself.
+		if p == f.key && st.Mode().Perm()&0o077 != 0 {
+			return fmt.Errorf("identity file %s: mode %04o gives group or others access to the private key; run chmod 600 %s", p, st.Mode().Perm(), p)
+		}
 	}
 	svid, err := x509svid.Load(f.cert, f.key)
 	if err != nil {

@@ -2,8 +2,10 @@ package identity
 
 import (
 	"crypto/tls"
+	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -129,5 +131,36 @@ func TestBadIdentityInput(t *testing.T) {
 	b := other.Bundle(t, dir)
 	if _, err := LoadFiles(tdom, c, k, b, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "not in trust domain") {
 		t.Fatalf("trust domain mismatch: %v", err)
+	}
+}
+
+// A private key others can read is not a secret: refuse it, naming the file,
+// its mode and the fix.
+func TestKeyFileReadableByOthersIsRefused(t *testing.T) {
+	tdom := spiffeid.RequireTrustDomainFromString(td)
+	dir := t.TempDir()
+	authority := spiffetest.NewCA(t, td)
+	b := authority.Bundle(t, dir)
+	c, k := authority.Issue(t, dir, "knhk", "spiffe://example.org/knhk", 1)
+	for _, mode := range []os.FileMode{0o644, 0o640, 0o604, 0o660, 0o620} {
+		if err := os.Chmod(k, mode); err != nil {
+			t.Fatal(err)
+		}
+		_, err := LoadFiles(tdom, c, k, b, slog.New(slog.DiscardHandler))
+		want := fmt.Sprintf("identity file %s: mode %04o gives group or others access to the private key; run chmod 600 %s", k, mode, k)
+		if err == nil || err.Error() != want {
+			t.Errorf("mode %04o:\n got  %v\n want %s", mode, err, want)
+		}
+	}
+	for _, mode := range []os.FileMode{0o600, 0o400} {
+		if err := os.Chmod(k, mode); err != nil {
+			t.Fatal(err)
+		}
+		f, err := LoadFiles(tdom, c, k, b, slog.New(slog.DiscardHandler))
+		if err != nil {
+			t.Errorf("mode %04o refused: %v", mode, err)
+			continue
+		}
+		f.Close()
 	}
 }
