@@ -16,7 +16,7 @@ usage:
   knhk start|promote|pause|resume|abort [--admin HOST:PORT|URL]
   knhk status [--watch] [--json] [--admin HOST:PORT|URL]
   knhk capacity [--json] [--admin HOST:PORT|URL]
-  knhk receipt verify [--keys FILE|URL] [--bundle FILE|URL] [--admin HOST:PORT|URL] [TOKEN]
+  knhk receipt verify [--keys FILE|URL] [--bundle FILE|URL] [--admin HOST:PORT|URL] [--wait DURATION] [TOKEN]
   knhk version
 
 --admin (default $KNHK_ADMIN, then 127.0.0.1:9090) is the admin API: host:port or http(s)://host:port.

@@ -25,12 +25,12 @@ const defaultAdmin = "http://127.0.0.1:9090"
 
 // adminURL registers --admin, defaulting to KNHK_ADMIN, then the contract's
 // loopback address. Read it with adminFlagBase after Parse.
-func adminURL(fs *flag.FlagSet) *string {
+func adminURL(fs *flag.FlagSet) {
 	def := os.Getenv("KNHK_ADMIN")
 	if def == "" {
 		def = defaultAdmin
 	}
-	return fs.String("admin", def, "knhk admin API: host:port or an http(s):// URL (or KNHK_ADMIN)")
+	fs.String("admin", def, "knhk admin API: host:port or an http(s):// URL (or KNHK_ADMIN)")
 }
 
 // adminFlagBase is adminBase over the parsed --admin of fs; an error names

@@ -3,11 +3,59 @@ package server
 import (
 	"encoding/hex"
 	"errors"
+	"math"
 	"net/http"
 	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/knhk/knhk/pkg/receipt"
 )
+
+// registerReceiptMetrics exports the receipt service's own counters; call
+// it once receipts are open.
+func (s *Server) registerReceiptMetrics() {
+	rs := s.receipts
+	if rs == nil {
+		return
+	}
+	s.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "knhk_receipt_index_flush_errors_total",
+		Help: "Failed writes of the receipt-id index (each retry counts); bundles are served from memory meanwhile.",
+	}, func() float64 { return float64(rs.IndexFlushErrors()) }))
+}
+
+// receiptsDegraded is why receipts are unhealthy (for /readyz), nil when
+// they are fine or off.
+func (s *Server) receiptsDegraded() error {
+	if s.receipts == nil {
+		return nil
+	}
+	return s.receipts.Degraded()
+}
+
+// internalError answers 500 without the error's text, which can name
+// files on the server; the log gets it.
+func (s *Server) internalError(w http.ResponseWriter, what string, err error) {
+	s.log.Error(what+" failed", "error", err.Error())
+	writeJSON(w, http.StatusInternalServerError, apiError{what + " failed; the server log has the reason"})
+}
+
+// retryAfterSeconds is a Retry-After value: whole seconds, rounded up, at
+// least 1.
+func retryAfterSeconds(d time.Duration) int {
+	return max(1, int(math.Ceil(d.Seconds())))
+}
+
+// notIntegratedView is the 404 of a receipt that is logged but not yet in
+// a signed checkpoint: when to ask again, and the checkpoint interval (a
+// client's default wait).
+type notIntegratedView struct {
+	Error                     string  `json:"error"`
+	RetryAfterSeconds         int     `json:"retry_after_seconds"`
+	CheckpointIntervalSeconds float64 `json:"checkpoint_interval_seconds"`
+}
 
 func (s *Server) receiptsOff(w http.ResponseWriter) bool {
 	if s.receipts == nil {
@@ -34,14 +82,16 @@ func (s *Server) handleReceipt(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	b, err := s.receipts.Bundle(r.Context(), id)
+	var ni *receipt.NotIntegratedError
 	switch {
-	case errors.Is(err, receipt.ErrNotIntegrated):
-		w.Header().Set("Retry-After", "1")
-		writeJSON(w, http.StatusNotFound, apiError{err.Error()})
+	case errors.As(err, &ni):
+		secs := retryAfterSeconds(ni.RetryAfter)
+		w.Header().Set("Retry-After", strconv.Itoa(secs))
+		writeJSON(w, http.StatusNotFound, notIntegratedView{err.Error(), secs, ni.CheckpointInterval.Seconds()})
 	case errors.Is(err, receipt.ErrNotFound):
 		writeJSON(w, http.StatusNotFound, apiError{err.Error()})
 	case err != nil:
-		writeJSON(w, http.StatusInternalServerError, apiError{err.Error()})
+		s.internalError(w, "reading the receipt", err)
 	default:
 		writeJSON(w, http.StatusOK, b)
 	}
@@ -52,9 +102,13 @@ func (s *Server) handleCheckpoint(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	cp, err := s.receipts.Checkpoint(r.Context())
-	if err != nil {
+	if errors.Is(err, receipt.ErrNoCheckpoint) {
 		w.Header().Set("Retry-After", "1")
 		writeJSON(w, http.StatusServiceUnavailable, apiError{err.Error()})
+		return
+	}
+	if err != nil {
+		s.internalError(w, "reading the checkpoint", err)
 		return
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
@@ -67,7 +121,7 @@ func (s *Server) handleKeys(w http.ResponseWriter, _ *http.Request) {
 	}
 	k, err := s.receipts.Published()
 	if err != nil {
-		writeJSON(w, http.StatusInternalServerError, apiError{err.Error()})
+		s.internalError(w, "listing the keys", err)
 		return
 	}
 	writeJSON(w, http.StatusOK, k)
@@ -86,7 +140,7 @@ func (s *Server) handleKeysRefresh(w http.ResponseWriter, r *http.Request) {
 	}
 	k, err := s.receipts.Published()
 	if err != nil {
-		writeJSON(w, http.StatusInternalServerError, apiError{err.Error()})
+		s.internalError(w, "listing the keys", err)
 		return
 	}
 	writeJSON(w, http.StatusOK, struct {
@@ -107,8 +161,16 @@ func (s *Server) handleConsistency(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	p, err := s.receipts.Consistency(r.Context(), from, to)
-	if err != nil {
+	switch {
+	case errors.Is(err, receipt.ErrBadRange):
 		writeJSON(w, http.StatusBadRequest, apiError{err.Error()})
+		return
+	case errors.Is(err, receipt.ErrNoCheckpoint):
+		w.Header().Set("Retry-After", "1")
+		writeJSON(w, http.StatusServiceUnavailable, apiError{err.Error()})
+		return
+	case err != nil:
+		s.internalError(w, "building the consistency proof", err)
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"from": from, "to": to, "proof": p})

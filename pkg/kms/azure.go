@@ -131,17 +131,6 @@ func (a *Azure) Sign(ctx context.Context, msg []byte) ([]byte, error) {
 	return b.Bytes()
 }
 
-// Rotate asks the vault for a new key version (what an operator or a
-// rotation policy does); Latest then picks it up.
-func (a *Azure) Rotate(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, a.cfg.Timeout)
-	defer cancel()
-	if _, err := a.client.RotateKey(ctx, a.cfg.Key, nil); err != nil {
-		return fmt.Errorf("azure-key-vault key %s: rotate: %w", a.cfg.Key, err)
-	}
-	return nil
-}
-
 // Latest returns a signer pinned to the key's latest version.
 func (a *Azure) Latest(ctx context.Context) (Signer, error) {
 	next, err := loadAzure(ctx, a.client, a.cfg)

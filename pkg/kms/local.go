@@ -12,6 +12,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+
+	"github.com/knhk/knhk/internal/fsutil"
 )
 
 // Local is an Ed25519 key kept in a file (PKCS #8 PEM, mode 0600): the
@@ -53,8 +55,11 @@ func OpenLocal(path string) (*Local, error) {
 	return newLocal(ek), nil
 }
 
+// createLocal writes a new key durably: the file synced, then its
+// directory (and any directory created for it), or a crash could lose the
+// key after it signed something.
 func createLocal(path string) (*Local, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+	if err := fsutil.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("local key %s: %w", path, err)
 	}
 	_, k, err := ed25519.GenerateKey(rand.Reader)
@@ -79,6 +84,9 @@ func createLocal(path string) (*Local, error) {
 		return nil, fmt.Errorf("local key %s: %w", path, err)
 	}
 	if err := f.Close(); err != nil {
+		return nil, fmt.Errorf("local key %s: %w", path, err)
+	}
+	if err := fsutil.SyncDir(filepath.Dir(path)); err != nil {
 		return nil, fmt.Errorf("local key %s: %w", path, err)
 	}
 	return newLocal(k), nil

@@ -153,17 +153,6 @@ func (v *Vault) parseSignature(sig string) ([]byte, error) {
 	return base64.StdEncoding.DecodeString(parts[2])
 }
 
-// Rotate asks Vault for a new key version (what an operator does with
-// `vault write -f transit/keys/<key>/rotate`); Latest then picks it up.
-func (v *Vault) Rotate(ctx context.Context) error {
-	cctx, cancel := context.WithTimeout(ctx, v.cfg.Timeout)
-	defer cancel()
-	if _, err := v.client.Logical().WriteWithContext(cctx, v.path("keys", v.cfg.Key, "rotate"), nil); err != nil {
-		return fmt.Errorf("vault-transit key %s: rotate: %w", v.cfg.Key, err)
-	}
-	return nil
-}
-
 // Latest returns a signer pinned to the key's latest version.
 func (v *Vault) Latest(ctx context.Context) (Signer, error) {
 	next := &Vault{client: v.client, cfg: v.cfg}

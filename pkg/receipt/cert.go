@@ -50,9 +50,11 @@ func (c *Cert) encode() ([]byte, error) {
 	b = append(b, c.PublicKey...)
 	b = binary.BigEndian.AppendUint64(b, uint64(c.NotBefore.Unix()))
 	b = binary.BigEndian.AppendUint64(b, uint64(c.NotAfter.Unix()))
+	// These come from the config and the KMS, not from requests: a hard
+	// limit is an error at start, not a receipt a client can dodge.
 	for _, s := range []string{c.Region, c.Instance, c.Issuer, string(c.IssuerAlg)} {
-		if len(s) > maxField {
-			return nil, fmt.Errorf("delegation certificate: a field of %d bytes is over the %d-byte limit", len(s), maxField)
+		if len(s) > maxInline {
+			return nil, fmt.Errorf("delegation certificate: a field of %d bytes is over the %d-byte limit", len(s), maxInline)
 		}
 		b = appendString(b, s)
 	}

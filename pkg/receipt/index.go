@@ -5,7 +5,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -17,9 +19,14 @@ import (
 // request path: the log, not the index, is what makes a receipt durable.
 // Records not yet flushed are served from memory; after a crash, the tail
 // of the log is rescanned (see reindexWindow) and those ids are indexed
-// again, without their signatures.
+// again, without their signatures. A failed flush keeps its records in
+// memory, is retried, counted and reported (Service.Degraded).
 type index struct {
-	db *bolt.DB
+	db  *bolt.DB
+	log *slog.Logger
+
+	flushErrors atomic.Uint64
+	failing     atomic.Pointer[error] // the last flush's error; nil once one succeeds
 
 	mu      sync.Mutex
 	pending map[[16]byte]indexRecord
@@ -46,7 +53,14 @@ var (
 // append and its index flush.
 const reindexWindow = 1 << 16
 
-func openIndex(path string) (*index, error) {
+// flushEvery paces flushes (one fsync per batch); retryEvery paces the
+// retries of a failed one.
+const (
+	flushEvery = 20 * time.Millisecond
+	retryEvery = time.Second
+)
+
+func openIndex(path string, log *slog.Logger) (*index, error) {
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
 	if err != nil {
 		return nil, fmt.Errorf("receipt index %s: %w", path, err)
@@ -63,7 +77,7 @@ func openIndex(path string) (*index, error) {
 		_ = db.Close()
 		return nil, fmt.Errorf("receipt index %s: %w", path, err)
 	}
-	x := &index{db: db, pending: map[[16]byte]indexRecord{}, kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
+	x := &index{db: db, log: log, pending: map[[16]byte]indexRecord{}, kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
 	go x.flushLoop()
 	return x, nil
 }
@@ -86,10 +100,7 @@ func (x *index) put(id [16]byte, r indexRecord) {
 	x.mu.Lock()
 	x.pending[id] = r
 	x.mu.Unlock()
-	select {
-	case x.kick <- struct{}{}:
-	default:
-	}
+	x.wake()
 }
 
 func (x *index) get(id [16]byte) (indexRecord, bool, error) {
@@ -137,26 +148,65 @@ func decodeIndexRecord(v []byte) (indexRecord, error) {
 }
 
 // flushLoop writes pending records in one transaction at a time (one
-// fsync per batch, at most every 20 ms).
+// fsync per batch, at most every flushEvery); after a failure it retries
+// every retryEvery, new records or not.
 func (x *index) flushLoop() {
 	defer close(x.done)
-	t := time.NewTicker(20 * time.Millisecond)
+	t := time.NewTicker(flushEvery)
 	defer t.Stop()
 	for {
 		select {
 		case <-x.stop:
-			_ = x.flush()
+			x.flushAndRecord()
 			return
 		case <-x.kick:
 		}
-		_ = x.flush()
+		pause := t.C
+		if !x.flushAndRecord() {
+			x.wake()
+			pause = time.After(retryEvery)
+		}
 		select {
 		case <-x.stop:
-			_ = x.flush()
+			x.flushAndRecord()
 			return
-		case <-t.C:
+		case <-pause:
 		}
 	}
+}
+
+func (x *index) wake() {
+	select {
+	case x.kick <- struct{}{}:
+	default:
+	}
+}
+
+// flushAndRecord flushes and keeps the outcome for flushErrors and
+// degraded; it logs when the index starts and stops failing, not on every
+// retry.
+func (x *index) flushAndRecord() bool {
+	err := x.flush()
+	if err == nil {
+		if x.failing.Swap(nil) != nil {
+			x.log.Info("receipt index flushed again after failures")
+		}
+		return true
+	}
+	x.flushErrors.Add(1)
+	err = fmt.Errorf("receipt index: writes failing (ids not yet on disk are served from memory and retried): %w", err)
+	if x.failing.Swap(&err) == nil {
+		x.log.Error("receipt index flush failed; retrying", "error", err.Error())
+	}
+	return false
+}
+
+// degraded is the last flush's error, nil when it succeeded.
+func (x *index) degraded() error {
+	if e := x.failing.Load(); e != nil {
+		return *e
+	}
+	return nil
 }
 
 func (x *index) flush() error {

@@ -6,12 +6,12 @@ import (
 	"crypto/rand"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/knhk/knhk/internal/fsutil"
 	"github.com/knhk/knhk/pkg/kms"
 )
 
@@ -69,10 +69,10 @@ func FromPublished(c PublishedCert) SignedCert {
 func OpenKeys(ctx context.Context, dir string, signer kms.Signer, lifetime time.Duration, region, instance string, log *slog.Logger) (*Keys, error) {
 	k := &Keys{signer: signer, lifetime: lifetime, region: region, instance: instance,
 		path: filepath.Join(dir, "delegations.jsonl"), log: log, now: time.Now}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := fsutil.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	certs, err := readJSONLines[PublishedCert](k.path)
+	certs, err := readJSONLines[PublishedCert](k.path, log)
 	if err != nil {
 		return nil, err
 	}

@@ -8,7 +8,9 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"os"
 	"slices"
 	"sync/atomic"
 	"time"
@@ -113,6 +115,14 @@ func (s *NoteSigner) Sign(msg []byte) ([]byte, error) {
 	return k.signer.Sign(ctx, msg)
 }
 
+// ErrNoCheckpoint and ErrBadRange are why a proof cannot be had: the log
+// has not signed a checkpoint yet (try later), or the request asks for
+// tree sizes the log cannot prove (the caller's mistake).
+var (
+	ErrNoCheckpoint = errors.New("no signed checkpoint yet")
+	ErrBadRange     = errors.New("tree sizes out of range")
+)
+
 // Log is the durable, append-only Merkle log of receipts (tessera with its
 // POSIX driver): entries are the canonical receipt encodings, leaves their
 // RFC 6962 hashes, checkpoints C2SP signed notes.
@@ -125,6 +135,11 @@ type Log struct {
 	verifiers atomic.Pointer[[]note.Verifier] // every checkpoint key ever used
 	vkeys     []string                        // their text, to skip duplicates; guarded by the caller
 }
+
+const (
+	defaultBatchMaxAge        = 50 * time.Millisecond
+	defaultCheckpointInterval = 5 * time.Second
+)
 
 // LogOptions tune batching (the group commit) and checkpointing.
 type LogOptions struct {
@@ -140,10 +155,10 @@ func OpenLog(ctx context.Context, dir string, signer *NoteSigner, vkeys []string
 		o.BatchMaxSize = 8192
 	}
 	if o.BatchMaxAge == 0 {
-		o.BatchMaxAge = 50 * time.Millisecond
+		o.BatchMaxAge = defaultBatchMaxAge
 	}
 	if o.CheckpointInterval == 0 {
-		o.CheckpointInterval = 5 * time.Second
+		o.CheckpointInterval = defaultCheckpointInterval
 	}
 	l := &Log{origin: signer.Name()}
 	l.verifiers.Store(&[]note.Verifier{})
@@ -212,6 +227,9 @@ func (l *Log) Enqueue(ctx context.Context, encoded []byte) func() (uint64, error
 // the log's keys (the one on disk may predate a KMS key rotation).
 func (l *Log) Checkpoint(ctx context.Context) (*log.Checkpoint, []byte, error) {
 	raw, err := l.reader.ReadCheckpoint(ctx)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil, ErrNoCheckpoint
+	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("receipt log checkpoint: %w", err)
 	}
@@ -309,12 +327,16 @@ func (l *Log) IntegratedSize(ctx context.Context) (uint64, error) {
 const layoutWidth = 256 // tlog-tiles entry bundle width
 
 // ConsistencyProof proves that the tree of size smaller is a prefix of the
-// tree of size larger (an append-only log never rewrites history).
-func (l *Log) ConsistencyProof(ctx context.Context, smaller, larger uint64) ([][]byte, error) {
-	if smaller > larger {
-		return nil, fmt.Errorf("consistency proof: size %d is larger than %d", smaller, larger)
+// tree of size larger (an append-only log never rewrites history). size is
+// a published tree size, at least larger, whose tiles the proof is read
+// from: tessera keeps tiles for the trees it integrated and published, not
+// for every size in between, and every node a proof needs is a perfect
+// subtree, whose hash is the same in every tree that contains it.
+func (l *Log) ConsistencyProof(ctx context.Context, smaller, larger, size uint64) ([][]byte, error) {
+	if smaller > larger || larger > size {
+		return nil, fmt.Errorf("%w: want from ≤ to ≤ %d (the latest checkpoint), got from %d and to %d", ErrBadRange, size, smaller, larger)
 	}
-	pb, err := client.NewProofBuilder(ctx, larger, l.reader.ReadTile)
+	pb, err := client.NewProofBuilder(ctx, size, l.reader.ReadTile)
 	if err != nil {
 		return nil, err
 	}

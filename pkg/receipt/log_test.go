@@ -8,6 +8,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/transparency-dev/merkle/compact"
+	"github.com/transparency-dev/merkle/proof"
+	"github.com/transparency-dev/merkle/rfc6962"
+
 	"github.com/knhk/knhk/pkg/kms"
 )
 
@@ -126,7 +130,7 @@ func TestLogAppendProveReopen(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond) // poll period
 	}
-	cons, err := l.ConsistencyProof(ctx, size, size2)
+	cons, err := l.ConsistencyProof(ctx, size, size2, size2)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -150,5 +154,109 @@ func TestLogAppendProveReopen(t *testing.T) {
 	}
 	if idx != n+40 {
 		t.Fatalf("reopened log appended at %d, want %d: entries lost or reused", idx, n+40)
+	}
+}
+
+// TestConsistencyBetweenAnySizes: consistency proofs between any two tree
+// sizes up to the latest checkpoint — on and off batch and tile
+// boundaries, inside a partial tile and across a full one — verify with
+// transparency-dev/merkle against roots computed here from the leaves.
+func TestConsistencyBetweenAnySizes(t *testing.T) {
+	ctx := context.Background()
+	signer, err := kms.OpenLocal(filepath.Join(t.TempDir(), "kms.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns, vkey, err := NewNoteSigner("knhk.test/log", signer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Short batches: many integrations, and sizes between them that no
+	// tile was ever written for.
+	l, err := OpenLog(ctx, t.TempDir(), ns, []string{vkey}, LogOptions{BatchMaxAge: 2 * time.Millisecond, CheckpointInterval: 100 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = l.Close(ctx) }()
+	var leaves [][]byte
+	grow := func(n int) uint64 {
+		t.Helper()
+		for len(leaves) < n {
+			r := sample()
+			r.Path = fmt.Sprintf("/item/%d", len(leaves))
+			enc, _ := r.Encode()
+			// Uneven batches: some entries one at a time, some together.
+			k := min(n-len(leaves), 1+len(leaves)%7)
+			waits := make([]func() (uint64, error), k)
+			for j := range k {
+				e := append([]byte(nil), enc...)
+				e[len(e)-1] = byte(j)
+				waits[j] = l.Enqueue(ctx, e)
+				h := LeafHash(e)
+				leaves = append(leaves, h[:])
+			}
+			for j, w := range waits {
+				idx, err := w()
+				if err != nil || idx != uint64(len(leaves)-k+j) {
+					t.Fatalf("append: index %d, %v", idx, err)
+				}
+			}
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			cp, _, err := l.Checkpoint(ctx)
+			if err == nil && cp.Size == uint64(n) {
+				return cp.Size
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("no checkpoint of size %d: %v", n, err)
+			}
+			time.Sleep(20 * time.Millisecond) // poll period
+		}
+	}
+	root := func(size uint64) []byte {
+		rf := compact.RangeFactory{Hash: rfc6962.DefaultHasher.HashChildren}
+		r := rf.NewEmptyRange(0)
+		for _, h := range leaves[:size] {
+			if err := r.Append(h, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if size == 0 {
+			return rfc6962.DefaultHasher.EmptyRoot()
+		}
+		h, err := r.GetRootHash(nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return h
+	}
+	check := func(published uint64, sizes []uint64) {
+		t.Helper()
+		for _, from := range sizes {
+			for _, to := range sizes {
+				if from > to {
+					continue
+				}
+				p, err := l.ConsistencyProof(ctx, from, to, published)
+				if err != nil {
+					t.Fatalf("tree of %d: consistency %d → %d: %v", published, from, to, err)
+				}
+				if err := proof.VerifyConsistency(rfc6962.DefaultHasher, from, to, p, root(from), root(to)); err != nil {
+					t.Fatalf("tree of %d: consistency %d → %d does not verify: %v", published, from, to, err)
+				}
+			}
+		}
+	}
+	// The tree: 90 entries, all in one partial tile.
+	small := []uint64{0, 1, 2, 3, 5, 7, 9, 63, 64, 65, 80, 89, 90}
+	check(grow(90), small)
+	// Past the first full tile (256): full and partial tiles together.
+	check(grow(300), append(small, 128, 255, 256, 257, 299, 300))
+	if _, err := l.ConsistencyProof(ctx, 2, 1, 300); err == nil {
+		t.Fatal("a proof from 2 to 1 was built")
+	}
+	if _, err := l.ConsistencyProof(ctx, 1, 301, 300); err == nil {
+		t.Fatal("a proof past the published tree was built")
 	}
 }

@@ -1,14 +1,16 @@
 package receipt
 
 import (
+	"io"
 	"log/slog"
 	"os"
 	"testing"
-
-	"k8s.io/klog/v2"
 )
 
 func TestMain(m *testing.M) {
-	klog.SetSlogLogger(slog.New(slog.DiscardHandler)) // tessera's klog output
+	routeKlog(slog.New(slog.DiscardHandler)) // tessera's klog output, once for the whole binary
 	os.Exit(m.Run())
 }
+
+// testLogger writes text records to w.
+func testLogger(w io.Writer) *slog.Logger { return slog.New(slog.NewTextHandler(w, nil)) }

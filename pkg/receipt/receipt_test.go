@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"crypto/ed25519"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"log/slog"
 	"path/filepath"
@@ -66,9 +68,79 @@ func TestDecodeRejectsMalformed(t *testing.T) {
 			t.Errorf("%s: %v", name, err)
 		}
 	}
-	r.Path = strings.Repeat("x", maxField+1)
-	if _, err := r.Encode(); err == nil || !strings.Contains(err.Error(), "path") {
-		t.Fatalf("over-long path: %v", err)
+}
+
+// TestOversizedFieldsAreDigested: a string field over the inline limit is
+// recorded as its length and SHA-256 — never refused — and the encoding
+// stays canonical: it decodes, re-encodes to the same bytes, and differs
+// from a receipt with a different long value.
+func TestOversizedFieldsAreDigested(t *testing.T) {
+	long := func(n int, c string) string { return strings.Repeat(c, n) }
+	r := sample()
+	r.Path = "/" + long(9<<10, "p")   // a 9 KiB path
+	r.Authority = long(60<<10, "a")   // a 60 KiB authority
+	r.Caller = long(maxInline, "c")   // exactly the limit: inline
+	r.Method = long(maxInline+1, "M") // one over: digested
+	enc, err := r.Encode()
+	if err != nil {
+		t.Fatalf("oversized fields refused: %v", err)
+	}
+	if len(enc) > 2*maxInline {
+		t.Fatalf("encoding is %d bytes: the long fields were not digested", len(enc))
+	}
+	again, _ := r.Encode()
+	if !bytes.Equal(enc, again) {
+		t.Fatal("same receipt, different bytes")
+	}
+	back, err := Decode(enc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if back.Path != "" || back.Authority != "" || back.Method != "" || back.Caller != r.Caller || back.Region != r.Region {
+		t.Fatalf("decoded strings: path %d bytes, authority %d, method %d, caller %d", len(back.Path), len(back.Authority), len(back.Method), len(back.Caller))
+	}
+	for name, c := range map[string]struct {
+		d FieldDigest
+		v string
+	}{"path": {back.Digested.Path, r.Path}, "authority": {back.Digested.Authority, r.Authority}, "method": {back.Digested.Method, r.Method}} {
+		if c.d.Len != uint64(len(c.v)) || c.d.SHA256 != sha256.Sum256([]byte(c.v)) || !c.d.Matches(c.v) || c.d.Matches(c.v[1:]) {
+			t.Errorf("%s digest: %+v", name, c.d)
+		}
+	}
+	if back.Digested.Caller != (FieldDigest{}) {
+		t.Error("a field of exactly the limit was digested")
+	}
+	reenc, err := back.Encode()
+	if err != nil || !bytes.Equal(reenc, enc) {
+		t.Fatalf("a decoded digested receipt does not re-encode to its bytes: %v", err)
+	}
+	other := r
+	other.Path = r.Path[:len(r.Path)-1] + "q"
+	oenc, _ := other.Encode()
+	if LeafHash(oenc) == LeafHash(enc) {
+		t.Fatal("two different long paths, one leaf hash")
+	}
+	// A digest given for a value that would be inline is not canonical.
+	bad := back
+	bad.Digested.Region = FieldDigest{Len: 3}
+	if _, err := bad.Encode(); err == nil {
+		t.Fatal("a digest of a short field encoded")
+	}
+	both := back
+	both.Path = "/short"
+	if _, err := both.Encode(); err == nil {
+		t.Fatal("a field with both a value and a digest encoded")
+	}
+
+	view := back.View()
+	if _, ok := view["path"]; ok || view["path_len"] != uint64(len(r.Path)) || view["path_sha256"] != hex.EncodeToString(back.Digested.Path.SHA256[:]) {
+		t.Fatalf("the view does not show the path as digested: path_len %v, path_sha256 %v", view["path_len"], view["path_sha256"])
+	}
+	if view["caller"] != r.Caller || view["region"] != r.Region {
+		t.Fatal("the view lost an inline field")
+	}
+	if sv := sample(); sv.View()["path"] != sv.Path {
+		t.Fatal("the view lost an inline path")
 	}
 }
 
@@ -150,6 +222,9 @@ func FuzzDecode(f *testing.F) {
 	r := sample()
 	good, _ := r.Encode()
 	f.Add(good)
+	r.Path = strings.Repeat("p", maxInline+1)
+	digested, _ := r.Encode()
+	f.Add(digested)
 	f.Add([]byte{1})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		r, err := Decode(b)

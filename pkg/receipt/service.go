@@ -4,10 +4,10 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -15,6 +15,7 @@ import (
 
 	"k8s.io/klog/v2"
 
+	"github.com/knhk/knhk/internal/fsutil"
 	"github.com/knhk/knhk/pkg/kms"
 )
 
@@ -56,6 +57,8 @@ type Service struct {
 
 	pmu       sync.RWMutex
 	published []PublishedKMSKey // every KMS key ever used, oldest first
+
+	lastIntegrated atomic.Int64 // Unix ns when a receipt last entered the log, for Retry-After
 }
 
 type signerBox struct{ kms.Signer }
@@ -75,18 +78,35 @@ var (
 	ErrNotIntegrated = errors.New("receipt not yet in a signed checkpoint")
 )
 
+// NotIntegratedError is ErrNotIntegrated with when to ask again.
+type NotIntegratedError struct {
+	// RetryAfter is how long until a checkpoint should cover the receipt.
+	RetryAfter time.Duration
+	// CheckpointInterval is receipts.checkpoint_interval: a client that
+	// just got its token waits about this long.
+	CheckpointInterval time.Duration
+}
+
+func (e *NotIntegratedError) Error() string { return ErrNotIntegrated.Error() }
+func (e *NotIntegratedError) Unwrap() error { return ErrNotIntegrated }
+
 // OpenService opens keys, log and index under dir.
 func OpenService(ctx context.Context, dir string, cfg ServiceConfig, signer kms.Signer, logger *slog.Logger) (_ *Service, err error) {
 	if cfg.KMSRefresh <= 0 {
 		cfg.KMSRefresh = time.Minute
 	}
-	// Tessera logs through klog; send it to our structured log.
-	klog.SetSlogLogger(logger.With("component", "tessera"))
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if cfg.CheckpointInterval <= 0 {
+		cfg.CheckpointInterval = defaultCheckpointInterval
+	}
+	if cfg.BatchMaxAge <= 0 {
+		cfg.BatchMaxAge = defaultBatchMaxAge
+	}
+	routeKlog(logger)
+	if err := fsutil.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
 	s := &Service{cfg: cfg, log: logger, kmsPath: filepath.Join(dir, "kms-keys.jsonl")}
-	if s.published, err = readJSONLines[PublishedKMSKey](s.kmsPath); err != nil {
+	if s.published, err = readJSONLines[PublishedKMSKey](s.kmsPath, logger); err != nil {
 		return nil, err
 	}
 	if err := s.publishKMS(signer); err != nil {
@@ -105,7 +125,7 @@ func OpenService(ctx context.Context, dir string, cfg ServiceConfig, signer kms.
 	if err != nil {
 		return nil, err
 	}
-	if s.index, err = openIndex(filepath.Join(dir, "index.db")); err != nil {
+	if s.index, err = openIndex(filepath.Join(dir, "index.db"), logger); err != nil {
 		_ = s.rlog.Close(ctx)
 		return nil, err
 	}
@@ -121,6 +141,15 @@ func OpenService(ctx context.Context, dir string, cfg ServiceConfig, signer kms.
 		return nil, err
 	}
 	return s, nil
+}
+
+var klogOnce sync.Once
+
+// routeKlog sends tessera's klog output to logger. klog is process-wide
+// and must not change while tessera goroutines log through it (a data
+// race), so the first service's logger keeps it.
+func routeKlog(logger *slog.Logger) {
+	klogOnce.Do(func() { klog.SetSlogLogger(logger.With("component", "tessera")) })
 }
 
 // maxInflight bounds receipts journaled but not yet in the log.
@@ -336,6 +365,7 @@ func (s *Service) sequenced(id [16]byte, tok Token, seg uint64, wait func() (uin
 		s.log.Error("receipt journaled but not yet in the log; it is appended at the next start", "receipt", fmt.Sprintf("%x", id), "error", err.Error())
 		return
 	}
+	s.lastIntegrated.Store(time.Now().UnixNano())
 	s.index.put(id, indexRecord{index: idx, keyID: tok.KeyID, signature: tok.Signature, signed: true})
 	s.wal.release(seg)
 }
@@ -358,13 +388,13 @@ func (s *Service) Bundle(ctx context.Context, id [16]byte) (Bundle, error) {
 		_, journaled := s.pending[id]
 		s.pmuIn.Unlock()
 		if journaled {
-			return Bundle{}, ErrNotIntegrated
+			return Bundle{}, s.notIntegrated(true)
 		}
 		return Bundle{}, ErrNotFound
 	}
 	cp, raw, err := s.rlog.Checkpoint(ctx)
 	if err != nil || cp.Size <= e.index {
-		return Bundle{}, ErrNotIntegrated
+		return Bundle{}, s.notIntegrated(false)
 	}
 	data, err := s.rlog.Entry(ctx, e.index, cp.Size)
 	if err != nil {
@@ -374,13 +404,41 @@ func (s *Service) Bundle(ctx context.Context, id [16]byte) (Bundle, error) {
 	if err != nil {
 		return Bundle{}, err
 	}
-	b := Bundle{Receipt: data, Index: e.index, Proof: p, Checkpoint: string(raw)}
+	r, err := Decode(data)
+	if err != nil {
+		return Bundle{}, fmt.Errorf("receipt log entry %d: %w", e.index, err)
+	}
+	view, err := json.Marshal(r.View())
+	if err != nil {
+		return Bundle{}, err
+	}
+	b := Bundle{Receipt: data, Decoded: view, Index: e.index, Proof: p, Checkpoint: string(raw)}
 	// A receipt indexed by a rescan after a crash has no stored signature:
 	// verify it with the token the client received.
 	if e.signed {
 		b.Token = Token{ID: id, LeafHash: LeafHash(data), KeyID: e.keyID, Signature: e.signature}.String()
 	}
 	return b, nil
+}
+
+// notIntegrated says when a checkpoint should cover a receipt. Tessera
+// publishes once the last checkpoint is an interval old, at the first
+// integration after that or an interval after the last one, so a receipt
+// already in the log is covered at the latest an interval after the most
+// recent integration; one still journaled enters the log within a batch.
+func (s *Service) notIntegrated(journaled bool) error {
+	interval := s.cfg.CheckpointInterval
+	wait := interval
+	if journaled {
+		wait += s.cfg.BatchMaxAge
+	} else if last := s.lastIntegrated.Load(); last != 0 {
+		wait = time.Until(time.Unix(0, last).Add(interval))
+		if wait <= 0 {
+			// Overdue (a slow KMS or disk): ask again soon.
+			wait = time.Second
+		}
+	}
+	return &NotIntegratedError{RetryAfter: wait, CheckpointInterval: interval}
 }
 
 // Checkpoint is the latest signed checkpoint note.
@@ -390,16 +448,25 @@ func (s *Service) Checkpoint(ctx context.Context) ([]byte, error) {
 }
 
 // Consistency proves the tree of size from is a prefix of the tree of size
-// to; to must not exceed the latest checkpoint.
+// to, for any sizes with from ≤ to ≤ the latest checkpoint's (else
+// ErrBadRange). ErrNoCheckpoint: none is signed yet.
 func (s *Service) Consistency(ctx context.Context, from, to uint64) ([][]byte, error) {
 	cp, _, err := s.rlog.Checkpoint(ctx)
 	if err != nil {
 		return nil, err
 	}
-	if to > cp.Size || from > to {
-		return nil, fmt.Errorf("want from ≤ to ≤ %d (the latest checkpoint), got %d and %d", cp.Size, from, to)
-	}
-	return s.rlog.ConsistencyProof(ctx, from, to)
+	return s.rlog.ConsistencyProof(ctx, from, to, cp.Size)
+}
+
+// IndexFlushErrors counts failed writes of the receipt-id index (each
+// retry counts).
+func (s *Service) IndexFlushErrors() uint64 { return s.index.flushErrors.Load() }
+
+// Degraded says why receipts are not healthy, nil when they are: the
+// index cannot be written (bundles still served from memory), or the
+// journal has failed (no receipt can be issued).
+func (s *Service) Degraded() error {
+	return errors.Join(s.wal.failed(), s.index.degraded())
 }
 
 // Published is GET /v1/keys.

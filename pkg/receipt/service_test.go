@@ -3,13 +3,17 @@ package receipt
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"hash/crc32"
 	"log/slog"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -86,12 +90,12 @@ func issueOne(t *testing.T, s *Service) (string, Token) {
 type rotatable interface {
 	kms.Signer
 	kms.Versioned
-	Rotate(ctx context.Context) error
 }
 
 // vaultKey and azureKey open a fresh key in the in-repo Vault Transit and
-// Key Vault servers, through the real vault/api and azkeys clients.
-func vaultKey(t *testing.T) rotatable {
+// Key Vault servers, through the real vault/api and azkeys clients, and
+// return it with a function that rotates it through the admin API.
+func vaultKey(t *testing.T) (rotatable, func(context.Context) error) {
 	srv := httptest.NewServer(vaulttest.New("root"))
 	t.Cleanup(srv.Close)
 	admin, err := vault.NewClient(&vault.Config{Address: srv.URL})
@@ -106,7 +110,10 @@ func vaultKey(t *testing.T) rotatable {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return v
+	return v, func(ctx context.Context) error {
+		_, err := admin.Logical().WriteWithContext(ctx, "transit/keys/receipts/rotate", nil)
+		return err
+	}
 }
 
 type fixedToken struct{}
@@ -115,7 +122,7 @@ func (fixedToken) GetToken(context.Context, policy.TokenRequestOptions) (azcore.
 	return azcore.AccessToken{Token: "t", ExpiresOn: time.Now().Add(time.Hour)}, nil
 }
 
-func azureKey(t *testing.T) rotatable {
+func azureKey(t *testing.T) (rotatable, func(context.Context) error) {
 	srv := httptest.NewTLSServer(azkvtest.New("t"))
 	t.Cleanup(srv.Close)
 	opts := &azkeys.ClientOptions{DisableChallengeResourceVerification: true}
@@ -133,7 +140,10 @@ func azureKey(t *testing.T) rotatable {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return a
+	return a, func(ctx context.Context) error {
+		_, err := admin.RotateKey(ctx, "receipts", nil)
+		return err
+	}
 }
 
 // TestKMSKeyRotationAtRuntime rotates the KMS key (Vault Transit, Azure Key
@@ -142,12 +152,15 @@ func azureKey(t *testing.T) rotatable {
 // checkpoints, and receipts from before the rotation keep verifying — also
 // after a restart. (AWS: e2e TestKMSKeyRotationAtRuntime with local-kms.)
 func TestKMSKeyRotationAtRuntime(t *testing.T) {
-	for name, open := range map[string]func(*testing.T) rotatable{"vault": vaultKey, "azure": azureKey} {
-		t.Run(name, func(t *testing.T) { rotateUnderService(t, open(t)) })
+	for name, open := range map[string]func(*testing.T) (rotatable, func(context.Context) error){"vault": vaultKey, "azure": azureKey} {
+		t.Run(name, func(t *testing.T) {
+			key, rotate := open(t)
+			rotateUnderService(t, key, rotate)
+		})
 	}
 }
 
-func rotateUnderService(t *testing.T, v rotatable) {
+func rotateUnderService(t *testing.T, v rotatable, rotate func(context.Context) error) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	s := openTestService(t, dir, v)
@@ -155,7 +168,7 @@ func rotateUnderService(t *testing.T, v rotatable) {
 	if changed, err := s.RefreshKMS(ctx); err != nil || changed {
 		t.Fatalf("refresh without rotation: changed %v, %v", changed, err)
 	}
-	if err := v.Rotate(ctx); err != nil {
+	if err := rotate(ctx); err != nil {
 		t.Fatal(err)
 	}
 	if changed, err := s.RefreshKMS(ctx); err != nil || !changed {
@@ -299,5 +312,92 @@ func TestJournalRecoveryAfterCrash(t *testing.T) {
 	}
 	if left, _ := filepath.Glob(filepath.Join(dir, "journal", "wal-0000000000000007.log")); len(left) != 0 {
 		t.Fatal("the recovered segment was not removed")
+	}
+}
+
+// TestOversizedReceiptIssuedAndVerified: a request with a 9 KiB path and a
+// 60 KiB authority gets a receipt (a token within the header budget), the
+// receipt goes through the journal and the log, its bundle verifies, and
+// the bundle's decoded view shows both fields as length + SHA-256.
+func TestOversizedReceiptIssuedAndVerified(t *testing.T) {
+	ctx := context.Background()
+	_, _, s := localTestService(t)
+	defer func() { _ = s.Close(ctx) }()
+	path := "/" + strings.Repeat("p", 9<<10)
+	authority := strings.Repeat("a", 60<<10)
+	r := Receipt{Time: time.Now().UnixNano(), Method: "GET", Authority: authority, Path: path, Status: 200}
+	tokStr, err := s.Issue(ctx, &r)
+	if err != nil {
+		t.Fatalf("a receipt with a long path was refused: %v", err)
+	}
+	if len(tokStr) > 512 {
+		t.Fatalf("token is %d bytes, over 512", len(tokStr))
+	}
+	tok, err := ParseToken(tokStr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := bundleWhenIntegrated(t, s, tok.ID)
+	keys, err := s.Published()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustVerify(t, "receipt with digested fields", b, keys)
+	var view map[string]any
+	if err := json.Unmarshal(b.Decoded, &view); err != nil {
+		t.Fatal(err)
+	}
+	ps, as := sha256.Sum256([]byte(path)), sha256.Sum256([]byte(authority))
+	if view["path_len"] != float64(len(path)) || view["path_sha256"] != hex.EncodeToString(ps[:]) ||
+		view["authority_len"] != float64(len(authority)) || view["authority_sha256"] != hex.EncodeToString(as[:]) {
+		t.Fatalf("decoded view does not show the digests: %s", b.Decoded)
+	}
+	if _, ok := view["path"]; ok {
+		t.Fatal("decoded view has a path for a digested field")
+	}
+	// A view that lies about the receipt fails verification.
+	lie := b
+	lie.Decoded = []byte(strings.Replace(string(b.Decoded), hex.EncodeToString(ps[:]), hex.EncodeToString(as[:]), 1))
+	if checks := Verify(lie, keys); checks[len(checks)-1].Err == nil {
+		t.Fatal("a bundle whose decoded view differs from its receipt verified")
+	}
+}
+
+// TestNotIntegratedSaysWhenToRetry: a fresh receipt's bundle is missing
+// with the time until a checkpoint covers it — about one checkpoint
+// interval, not a fixed second — and the receipt is covered by then.
+func TestNotIntegratedSaysWhenToRetry(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	signer, err := kms.OpenLocal(filepath.Join(dir, "kms.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const interval, batch = 2 * time.Second, 10 * time.Millisecond
+	s, err := OpenService(ctx, dir, ServiceConfig{Origin: "test/log", Region: "r", Instance: "i", Delegation: time.Hour,
+		CheckpointInterval: interval, BatchMaxAge: batch}, signer, discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = s.Close(ctx) }()
+	_, tok := issueOne(t, s)
+	start := time.Now()
+	_, err = s.Bundle(ctx, tok.ID)
+	var ni *NotIntegratedError
+	if !errors.As(err, &ni) || !errors.Is(err, ErrNotIntegrated) {
+		t.Fatalf("fresh receipt: %v, want a NotIntegratedError", err)
+	}
+	if ni.CheckpointInterval != interval || ni.RetryAfter < interval/2 || ni.RetryAfter > interval+batch {
+		t.Fatalf("retry after %s, interval %s; want about %s", ni.RetryAfter, ni.CheckpointInterval, interval)
+	}
+	// Covered by then (a wide margin for a loaded machine).
+	deadline := start.Add(ni.RetryAfter + 3*time.Second)
+	for {
+		if _, err := s.Bundle(ctx, tok.ID); err == nil {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("not in a checkpoint %s after a retry-after of %s: %v", time.Since(start), ni.RetryAfter, err)
+		}
+		time.Sleep(20 * time.Millisecond) // poll period
 	}
 }

@@ -3,8 +3,10 @@ package receipt
 import (
 	"crypto/x509"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"reflect"
 	"time"
 
 	fnote "github.com/transparency-dev/formats/note"
@@ -15,11 +17,14 @@ import (
 
 // Bundle is GET /v1/receipts/{id}: everything needed to verify offline.
 type Bundle struct {
-	Token      string   `json:"token"`
-	Receipt    []byte   `json:"receipt"` // canonical encoding
-	Index      uint64   `json:"index"`
-	Proof      [][]byte `json:"inclusion_proof"`
-	Checkpoint string   `json:"checkpoint"` // C2SP signed note
+	Token   string `json:"token"`
+	Receipt []byte `json:"receipt"` // canonical encoding: what is verified
+	// Decoded is Receipt's View, for people and scripts; Verify checks it
+	// says what Receipt says.
+	Decoded    json.RawMessage `json:"decoded,omitempty"`
+	Index      uint64          `json:"index"`
+	Proof      [][]byte        `json:"inclusion_proof"`
+	Checkpoint string          `json:"checkpoint"` // C2SP signed note
 }
 
 // PublishedKeys is GET /v1/keys: the log's note verifier keys, the KMS
@@ -30,6 +35,30 @@ type PublishedKeys struct {
 	LogVerifierKeys []string          `json:"log_verifier_keys"` // every one, current included
 	KMS             map[string][]byte `json:"kms"`               // KMS key id → PKIX DER public key
 	Certificates    []PublishedCert   `json:"certificates"`
+}
+
+// checkView makes sure a bundle's decoded view, when it has one, shows the
+// receipt that was verified and not another.
+func checkView(r *Receipt, decoded json.RawMessage) error {
+	if len(decoded) == 0 {
+		return nil
+	}
+	var got, want map[string]any
+	if err := json.Unmarshal(decoded, &got); err != nil {
+		return fmt.Errorf("decoded view: %w", err)
+	}
+	// Through JSON, so both sides hold JSON's types.
+	raw, err := json.Marshal(r.View())
+	if err != nil {
+		return err
+	}
+	if err := json.Unmarshal(raw, &want); err != nil {
+		return err
+	}
+	if !reflect.DeepEqual(got, want) {
+		return errors.New("the decoded view does not match the receipt's canonical bytes")
+	}
+	return nil
 }
 
 // Check is one verification step's outcome.
@@ -56,6 +85,9 @@ func Verify(b Bundle, k PublishedKeys) []Check {
 	}
 	if LeafHash(b.Receipt) != tok.LeafHash || r.ID != tok.ID {
 		return fail("receipt", errors.New("the receipt's hash or id does not match the token"))
+	}
+	if err := checkView(&r, b.Decoded); err != nil {
+		return fail("receipt", err)
 	}
 	pass("receipt")
 

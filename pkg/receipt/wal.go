@@ -10,6 +10,8 @@ import (
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/knhk/knhk/internal/fsutil"
 )
 
 // wal is the receipts' group-commit journal. A receipt is durable — and its
@@ -67,7 +69,7 @@ func segmentName(seq uint64) string { return fmt.Sprintf("wal-%016d.log", seq) }
 // Segments holding recovered records are removed by dropRecovered once the
 // caller has put those records in the log.
 func openWAL(dir string) (*wal, [][]byte, error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := fsutil.MkdirAll(dir, 0o700); err != nil {
 		return nil, nil, err
 	}
 	names, err := filepath.Glob(filepath.Join(dir, "wal-*.log"))
@@ -134,16 +136,7 @@ func (w *wal) dropRecovered() error {
 			}
 		}
 	}
-	return syncDir(w.dir)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	serr := d.Sync()
-	return errors.Join(serr, d.Close())
+	return fsutil.SyncDir(w.dir)
 }
 
 // start runs the committer.
@@ -252,13 +245,20 @@ func (w *wal) rotateLocked() error {
 	if err != nil {
 		return err
 	}
-	if err := syncDir(w.dir); err != nil {
+	if err := fsutil.SyncDir(w.dir); err != nil {
 		_ = f.Close()
 		return err
 	}
 	w.cur = &segment{seq: seq, f: f, opened: time.Now()}
 	w.segments[seq] = w.cur
 	return nil
+}
+
+// failed is the journal's sticky error, nil while it works.
+func (w *wal) failed() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.err
 }
 
 // release marks one record of segment seq as in the log.
