@@ -23,6 +23,7 @@ import (
 
 	"google.golang.org/grpc"
 
+	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
 	"github.com/knhk/knhk/extproc"
 	"github.com/knhk/knhk/internal/harness"
 	"github.com/knhk/knhk/pkg/config"
@@ -113,7 +114,7 @@ func noopServer(addr string) error {
 		return err
 	}
 	g := grpc.NewServer(extproc.GRPCServerOptions()...)
-	extproc.RegisterNoop(g)
+	extprocv3.RegisterExternalProcessorServer(g, noop{})
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
 	go func() { <-ctx.Done(); g.Stop() }()

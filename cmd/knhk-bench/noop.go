@@ -1,18 +1,16 @@
-package extproc
+package main
 
 import (
 	"errors"
 	"io"
-	"runtime"
 
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
-	"google.golang.org/grpc"
 )
 
-// Noop is an ext_proc server that answers every message with "continue" and
+// noop is an ext_proc server that answers every message with "continue" and
 // no mutation: the floor any Go ext_proc server pays, which `make bench`
 // compares knhk with.
-type Noop struct {
+type noop struct {
 	extprocv3.UnimplementedExternalProcessorServer
 }
 
@@ -22,7 +20,7 @@ var (
 )
 
 // Process answers request and response headers with empty responses.
-func (Noop) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
+func (noop) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
 	for {
 		req, err := srv.Recv()
 		if errors.Is(err, io.EOF) {
@@ -39,18 +37,4 @@ func (Noop) Process(srv extprocv3.ExternalProcessor_ProcessServer) error {
 			return err
 		}
 	}
-}
-
-// RegisterNoop registers a Noop server on a gRPC server.
-func RegisterNoop(s interface {
-	RegisterService(*grpc.ServiceDesc, any)
-}) {
-	s.RegisterService(&extprocv3.ExternalProcessor_ServiceDesc, Noop{})
-}
-
-// GRPCServerOptions are the gRPC server settings for ext_proc listeners.
-// One stream per HTTP request makes goroutine creation per stream a real
-// cost, so streams are served by a fixed pool of workers, one per CPU.
-func GRPCServerOptions() []grpc.ServerOption {
-	return []grpc.ServerOption{grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0)))}
 }
