@@ -2,7 +2,10 @@ package e2e
 
 import (
 	"fmt"
+	"net/http"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -39,6 +42,7 @@ func TestOverloadShedsByClass(t *testing.T) {
 	on := admissionStack(t, true, lg)
 	with := harness.Overload(on.URL, rate, warm, measure)
 	report(t, "admission on", with, measure)
+	logAdmissionMetrics(t, on)
 	_ = on.Close()
 
 	off := admissionStack(t, false, lg)
@@ -73,6 +77,80 @@ func TestOverloadShedsByClass(t *testing.T) {
 	}
 }
 
+// TestShedClusterRecoversWithoutRestart: a cluster whose traffic is all R1
+// is shed over budget while its upstream is 4× slower than R1's 50 ms
+// budget; once the upstream is fast again, R1 is served again, although no
+// R1 request was admitted in between (the estimate must expire by itself).
+func TestShedClusterRecoversWithoutRestart(t *testing.T) {
+	s := startStack(t, harness.StackOptions{Weight: 0, Configure: func(c *config.Config) {
+		c.Admission.Enabled = true
+		c.Admission.Rules = []config.ClassRule{{Class: "R1", PathPrefix: "/r1"}}
+		c.Envoy.RouteTimeout = config.Duration(5 * time.Second)
+		c.Receipts.Enabled = false
+	}})
+	s.Stable.SetDelay(200 * time.Millisecond)
+
+	// Slow phase: 4 clients until R1 is shed because of its latency.
+	var shed atomic.Bool
+	var firstErr atomic.Value
+	var wg sync.WaitGroup
+	deadline := time.Now().Add(30 * time.Second)
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for !shed.Load() && time.Now().Before(deadline) {
+				r, err := get(s.URL+"/r1/item", nil)
+				if err != nil {
+					firstErr.CompareAndSwap(nil, err)
+					return
+				}
+				if r.status == http.StatusServiceUnavailable && r.header.Get("x-knhk-shed") == "R1" &&
+					strings.Contains(r.body, "exceeds its budget") {
+					shed.Store(true)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if err, _ := firstErr.Load().(error); err != nil {
+		t.Fatal(err)
+	}
+	if !shed.Load() {
+		t.Fatal("R1 was never shed over budget while its upstream took 200 ms")
+	}
+
+	// The upstream recovers; nothing else changes.
+	s.Stable.SetDelay(0)
+	recovered := time.Now()
+	// Recovered: 20 requests in a row served.
+	err := harness.Poll(30*time.Second, 50*time.Millisecond, func() error {
+		for i := range 20 {
+			r, err := get(s.URL+"/r1/item", nil)
+			if err != nil {
+				return err
+			}
+			if r.status != http.StatusOK {
+				return fmt.Errorf("request %d of 20: status %d, x-knhk-shed %q: %s", i, r.status, r.header.Get("x-knhk-shed"), r.body)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("R1 still shed after its upstream recovered: %v", err)
+	}
+	t.Logf("R1 served again %v after the upstream recovered", time.Since(recovered).Round(time.Millisecond))
+	for i := range 50 {
+		r, err := get(s.URL+"/r1/item", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.status != http.StatusOK {
+			t.Fatalf("request %d after recovery: status %d: %s", i, r.status, r.body)
+		}
+	}
+}
+
 func report(t *testing.T, name string, tally map[string]*harness.ClassTally, d time.Duration) {
 	var b strings.Builder
 	total := 0
@@ -83,4 +161,21 @@ func report(t *testing.T, name string, tally map[string]*harness.ClassTally, d t
 			class, c.Sent, c.OK, c.WithinBudget, c.P99().Round(100*time.Microsecond), c.Shed429, c.RetryAfter, c.Shed503, c.Other)
 	}
 	t.Logf("%s: goodput %.0f req/s%s", name, float64(total)/d.Seconds(), b.String())
+}
+
+// logAdmissionMetrics logs knhk's admission decisions and estimates (warm-up
+// included), so a failed run says whether R1 was shed for room or budget.
+func logAdmissionMetrics(t *testing.T, s *harness.Stack) {
+	b, err := s.Knhk.Get("/metrics")
+	if err != nil {
+		t.Logf("metrics: %v", err)
+		return
+	}
+	var out strings.Builder
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "knhk_admission_") {
+			out.WriteString("\n  " + line)
+		}
+	}
+	t.Logf("knhk admission metrics:%s", out.String())
 }

@@ -74,6 +74,12 @@ func (s *Server) admit(st *stream, hs headerView, req *extprocv3.ProcessingReque
 		a.Tracker.Observe(capacityKey(a.Key, hs, path, q.Route), now)
 	}
 	if !a.Enabled {
+		// Capacity planning still sees every class's demand and latency:
+		// everything offered is admitted.
+		if a.Tracker != nil {
+			a.Tracker.Offered(st.class, true, now)
+			st.tracked = true
+		}
 		return nil
 	}
 	lim := a.limiter(st.version)
@@ -86,7 +92,7 @@ func (s *Server) admit(st *stream, hs headerView, req *extprocv3.ProcessingReque
 		st.limiter = lim
 		return nil
 	}
-	return shed(st.class, verdict, a.RetryAfter, lim.LatencyEstimate())
+	return shed(st.class, verdict, a.RetryAfter, lim.Estimate(st.class, now))
 }
 
 // shed builds the immediate response: 503 for R1/W1, 429 + Retry-After for
@@ -95,7 +101,7 @@ func shed(c admission.Class, v admission.Verdict, retryAfter string, estimate ti
 	code := typev3.StatusCode_ServiceUnavailable
 	why := "no capacity left for its class"
 	if v == admission.RejectOverBudget {
-		why = "the current latency estimate " + estimate.Round(time.Millisecond).String() + " already exceeds its budget"
+		why = "its class's latency estimate " + estimate.Round(time.Millisecond).String() + " already exceeds its budget"
 	}
 	hm := &extprocv3.HeaderMutation{SetHeaders: []*corev3.HeaderValueOption{
 		setHeader(HeaderShed, []byte(c.String())),
@@ -142,12 +148,15 @@ func attribute(req *extprocv3.ProcessingRequest, name string) string {
 
 // release returns the request's slot (once) at the end of its stream.
 func (st *stream) release(s *Server) {
-	if st.limiter == nil {
+	if st.limiter == nil && !st.tracked {
 		return
 	}
-	st.limiter.Release(st.class, st.latency)
-	if a := st.admission; a != nil && a.Tracker != nil && st.latency > 0 {
-		a.Tracker.Completed(st.class, st.latency, s.now())
+	now := s.now()
+	if st.limiter != nil {
+		st.limiter.Release(st.class, st.latency, now)
 	}
-	st.limiter = nil
+	if a := st.admission; a != nil && a.Tracker != nil && st.latency > 0 {
+		a.Tracker.Completed(st.class, st.latency, now)
+	}
+	st.limiter, st.tracked = nil, false
 }

@@ -108,6 +108,7 @@ type stream struct {
 	flags         *flags.Set
 	admission     *Admission
 	limiter       *admission.Limiter // set while the request holds a slot
+	tracked       bool               // offered to capacity planning without admission
 	class         admission.Class
 	classified    bool
 	latency       time.Duration // request headers → response headers; -1 unknown

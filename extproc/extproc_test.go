@@ -22,7 +22,9 @@ import (
 	"google.golang.org/grpc/test/bufconn"
 	"google.golang.org/protobuf/types/known/structpb"
 
+	"github.com/knhk/knhk/pkg/admission"
 	"github.com/knhk/knhk/pkg/canary"
+	"github.com/knhk/knhk/pkg/capacity"
 )
 
 var clusters = Clusters{Stable: "knhk_stable", Canary: "knhk_canary"}
@@ -368,4 +370,57 @@ func TestServedVersionFromClusterName(t *testing.T) {
 			t.Errorf("%q: %v, want %v", name, got, want)
 		}
 	}
+}
+
+// TestCapacitySeesClassesWithoutAdmission: with admission off, capacity
+// planning still gets every class's demand and latency; its per-class
+// figures once read 0 unless admission was on.
+func TestCapacitySeesClassesWithoutAdmission(t *testing.T) {
+	s, _ := newServer(t, 0)
+	cl, err := admission.NewClassifier(nil, admission.W1, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := capacity.NewTracker(capacity.Config{})
+	s.SetAdmission(&Admission{Enabled: false, Classifier: cl, Tracker: tr, Key: CapacityKey{Kind: "path"}})
+	c := dial(t, s)
+	for range 20 {
+		stream, err := c.Process(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = stream.Send(reqHeaders(":method", "GET", ":path", "/a", "x-user-id", "u"))
+		if _, err := stream.Recv(); err != nil {
+			t.Fatal(err)
+		}
+		_ = stream.Send(respHeaders("knhk_stable"))
+		if _, err := stream.Recv(); err != nil {
+			t.Fatal(err)
+		}
+		_ = stream.CloseSend()
+		_, _ = stream.Recv()
+	}
+	var w1 capacity.ClassReport
+	err = pollUntil(5*time.Second, func() bool {
+		for _, cr := range tr.Report(time.Now(), 10, 1).Classes {
+			if cr.Class == "W1" {
+				w1 = cr
+			}
+		}
+		return w1.OfferedRPS > 0 && w1.MeanLatencyMs > 0
+	})
+	if err != nil {
+		t.Fatalf("W1 with admission off: %+v", w1)
+	}
+}
+
+func pollUntil(d time.Duration, ok func() bool) error {
+	deadline := time.Now().Add(d)
+	for !ok() {
+		if time.Now().After(deadline) {
+			return errors.New("deadline passed")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return nil
 }

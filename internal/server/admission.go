@@ -20,15 +20,18 @@ var (
 	descAdmitted = prometheus.NewDesc("knhk_admission_admitted_total", "Requests admitted per cluster and SLO class.", []string{"cluster", "class"}, nil)
 	descRejected = prometheus.NewDesc("knhk_admission_rejected_total", "Requests shed per cluster and SLO class.", []string{"cluster", "class"}, nil)
 	descLatency  = prometheus.NewDesc("knhk_admission_latency_seconds", "Latency estimate (short window) and no-load baseline per cluster.", []string{"cluster", "kind"}, nil)
+	descEstimate = prometheus.NewDesc("knhk_admission_latency_estimate_seconds",
+		"Latency estimate per cluster and SLO class that the class's budget is compared with; 0 while unknown.", []string{"cluster", "class"}, nil)
 )
 
 func (c *admissionCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descLimit, descInflight, descAdmitted, descRejected, descLatency} {
+	for _, d := range []*prometheus.Desc{descLimit, descInflight, descAdmitted, descRejected, descLatency, descEstimate} {
 		ch <- d
 	}
 }
 
 func (c *admissionCollector) Collect(ch chan<- prometheus.Metric) {
+	now := time.Now()
 	for _, v := range []canary.Version{canary.Stable, canary.Canary} {
 		snap := c.s.limiters[v].Snapshot()
 		cl := v.String()
@@ -39,6 +42,7 @@ func (c *admissionCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(descInflight, prometheus.GaugeValue, float64(snap.InFlight[k]), cl, k.String())
 			ch <- prometheus.MustNewConstMetric(descAdmitted, prometheus.CounterValue, float64(snap.Admitted[k]), cl, k.String())
 			ch <- prometheus.MustNewConstMetric(descRejected, prometheus.CounterValue, float64(snap.Rejected[k]), cl, k.String())
+			ch <- prometheus.MustNewConstMetric(descEstimate, prometheus.GaugeValue, c.s.limiters[v].Estimate(k, now).Seconds(), cl, k.String())
 		}
 	}
 }
@@ -60,6 +64,7 @@ type ClusterLimits struct {
 // ClassLimits is one class within a cluster.
 type ClassLimits struct {
 	BudgetMs   float64 `json:"budget_ms"`
+	EstimateMs float64 `json:"latency_estimate_ms"` // this class's own; 0 while unknown
 	Guaranteed float64 `json:"guaranteed"`
 	InFlight   int     `json:"inflight"`
 	Admitted   uint64  `json:"admitted"`
@@ -70,11 +75,12 @@ func (s *Server) handleAdmission(w http.ResponseWriter, _ *http.Request) {
 	cfg := s.config()
 	lc := cfg.Admission.LimiterConfig()
 	v := AdmissionView{Enabled: cfg.Admission.Enabled, Clusters: map[string]ClusterLimits{}}
+	now := time.Now()
 	for _, ver := range []canary.Version{canary.Stable, canary.Canary} {
 		snap := s.limiters[ver].Snapshot()
 		cl := ClusterLimits{Limit: snap.Limit, EstimateMs: ms(snap.ShortRTT), BaselineMs: ms(snap.Baseline), Classes: map[string]ClassLimits{}}
 		for _, k := range admission.Classes {
-			cl.Classes[k.String()] = ClassLimits{BudgetMs: ms(lc.Budgets[k]), Guaranteed: snap.Guaranteed[k],
+			cl.Classes[k.String()] = ClassLimits{BudgetMs: ms(lc.Budgets[k]), EstimateMs: ms(s.limiters[ver].Estimate(k, now)), Guaranteed: snap.Guaranteed[k],
 				InFlight: snap.InFlight[k], Admitted: snap.Admitted[k], Rejected: snap.Rejected[k]}
 		}
 		v.Clusters[ver.String()] = cl

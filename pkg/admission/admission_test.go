@@ -44,7 +44,7 @@ func (s *sim) run(d time.Duration, rate float64, mix [numClasses]float64) {
 		for _, j := range s.inflight {
 			if !j.finishes.After(s.now) {
 				lat := j.finishes.Sub(j.arrived)
-				s.l.Release(j.c, lat)
+				s.l.Release(j.c, lat, s.now)
 				s.done[j.c]++
 				s.lat[j.c] = append(s.lat[j.c], lat)
 				if lat <= DefaultBudgets[j.c] {
@@ -220,16 +220,111 @@ func TestPartitionGuaranteesUnderEveryMix(t *testing.T) {
 func TestOverBudgetRejectsAtOnce(t *testing.T) {
 	l := NewLimiter(DefaultLimiterConfig())
 	now := time.Unix(0, 0)
-	for range 20 {
-		if l.Acquire(W1, now) == Admit {
-			l.Release(W1, 120*time.Millisecond) // slower than R1's budget
+	for _, c := range []Class{R1, W1} {
+		for range 20 {
+			if l.Acquire(c, now) == Admit {
+				l.Release(c, 120*time.Millisecond, now) // slower than R1's budget
+			}
+		}
+	}
+	// A few requests at a time still go: the probes that keep measuring.
+	for i := range probes {
+		if v := l.Acquire(R1, now); v != Admit {
+			t.Fatalf("R1 probe %d with a 120 ms estimate: %v", i, v.Reason())
 		}
 	}
 	if v := l.Acquire(R1, now); v != RejectOverBudget {
-		t.Fatalf("R1 with a 120 ms estimate: %v", v.Reason())
+		t.Fatalf("R1 with a 120 ms estimate and its %d probes in flight: %v", probes, v.Reason())
 	}
 	if v := l.Acquire(W1, now); v != Admit {
 		t.Fatalf("W1 (500 ms budget) with a 120 ms estimate: %v", v.Reason())
+	}
+}
+
+// TestEstimateForgottenAfterSilence: an estimate is forgotten once its
+// class has had no completion for estimateTTL, so a burst after a pause is
+// judged afresh rather than by the latency of the previous one.
+func TestEstimateForgottenAfterSilence(t *testing.T) {
+	l := NewLimiter(DefaultLimiterConfig())
+	now := time.Unix(0, 0)
+	for range 20 {
+		if l.Acquire(R1, now) == Admit {
+			l.Release(R1, 120*time.Millisecond, now)
+		}
+	}
+	if e := l.Estimate(R1, now); e != 120*time.Millisecond {
+		t.Fatalf("R1 estimate %v after 20 completions of 120 ms", e)
+	}
+	now = now.Add(estimateTTL)
+	if e := l.Estimate(R1, now); e != 0 {
+		t.Fatalf("R1 estimate %v after %v without a completion, want 0 (unknown)", e, estimateTTL)
+	}
+	for i := range 5 {
+		if v := l.Acquire(R1, now); v != Admit {
+			t.Fatalf("request %d of a burst after a silence: %v", i, v.Reason())
+		}
+	}
+}
+
+// TestSlowC1DoesNotShedR1: each class's budget is judged against that
+// class's own latency; batch calls taking seconds must not make R1, whose
+// own requests take 5 ms, look over its 50 ms budget.
+func TestSlowC1DoesNotShedR1(t *testing.T) {
+	l := NewLimiter(DefaultLimiterConfig())
+	now := time.Unix(0, 0)
+	for i := range 2000 {
+		now = now.Add(5 * time.Millisecond)
+		if i%5 == 0 { // one C1 call in six, each 40× over R1's budget
+			if l.Acquire(C1, now) == Admit {
+				l.Release(C1, 2*time.Second, now)
+			}
+		}
+		if v := l.Acquire(R1, now); v != Admit {
+			t.Fatalf("request %d: R1 at 5 ms shed (%s) because C1 is slow", i, v.Reason())
+		}
+		l.Release(R1, 5*time.Millisecond, now)
+	}
+}
+
+// TestSingleClassClusterRecovers: an R1-only cluster shed because its
+// upstream was slower than R1's budget serves again once the upstream is
+// fast, with no restart, although R1 had no other traffic to measure it.
+func TestSingleClassClusterRecovers(t *testing.T) {
+	r1only := [numClasses]float64{R1: 1}
+	for _, rate := range []float64{20, 400} {
+		l := NewLimiter(DefaultLimiterConfig())
+		s := newSim(l, 20, 200*time.Millisecond) // 4× R1's budget; 100 req/s
+		s.run(3*time.Second, rate, r1only)
+		if s.rejected[R1] == 0 {
+			t.Fatalf("%v req/s: R1 not shed while every request took 200 ms (done %d)", rate, s.done[R1])
+		}
+		s.service = 5 * time.Millisecond
+		// One slow probe ends, then fast ones bring the estimate under
+		// budget: a few hundred ms. A second is the margin.
+		s.run(time.Second, rate, r1only)
+		s.reset()
+		s.run(5*time.Second, rate, r1only)
+		if s.rejected[R1] > 0 || float64(s.done[R1]) < 0.95*5*rate {
+			t.Fatalf("%v req/s: a second after the upstream recovered R1 is still shed: %d rejected, %d served",
+				rate, s.rejected[R1], s.done[R1])
+		}
+	}
+}
+
+// TestIdleClusterAdmitsAnyClass: a cluster with nothing in flight admits
+// any class, even at a limit too small for C1's spare-capacity rule, so a
+// C1-only cluster whose limit was cut to the minimum cannot stay shut.
+func TestIdleClusterAdmitsAnyClass(t *testing.T) {
+	cfg := DefaultLimiterConfig()
+	cfg.Initial, cfg.Min = 2, 2
+	l := NewLimiter(cfg)
+	now := time.Unix(0, 0)
+	for i := range 100 {
+		now = now.Add(time.Second)
+		if v := l.Acquire(C1, now); v != Admit {
+			t.Fatalf("request %d: C1 on an idle cluster at limit %.1f: %s", i, l.Snapshot().Limit, v.Reason())
+		}
+		l.Release(C1, 20*time.Millisecond, now)
 	}
 }
 
@@ -296,7 +391,7 @@ func BenchmarkAcquireRelease(b *testing.B) {
 	b.ReportAllocs()
 	for i := 0; i < b.N; i++ {
 		if l.Acquire(R1, now) == Admit {
-			l.Release(R1, 20*time.Millisecond)
+			l.Release(R1, 20*time.Millisecond, now)
 		}
 	}
 }
@@ -319,7 +414,7 @@ func TestFastServiceJitterDoesNotCollapseTheLimit(t *testing.T) {
 			lat = 2500 * time.Microsecond
 		}
 		for range 15 {
-			l.Release(W1, lat)
+			l.Release(W1, lat, now)
 		}
 		now = now.Add(10 * time.Millisecond)
 	}

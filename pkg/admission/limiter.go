@@ -20,8 +20,8 @@ type LimiterConfig struct {
 	// shares of more critical classes free. C1's share is 0: it runs on
 	// spare capacity.
 	Shares [numClasses]float64
-	// Budgets: a request is refused at once when the latency estimate
-	// already exceeds its class budget.
+	// Budgets: a request is refused at once when its class's own latency
+	// estimate already exceeds its class budget.
 	Budgets Budgets
 }
 
@@ -45,6 +45,34 @@ func (v Verdict) Reason() string {
 	return [...]string{"admitted", "no_room", "over_budget"}[v]
 }
 
+// The per-class latency estimate that class budgets are judged against.
+const (
+	// estimateSamples is how many recent completions of a class its
+	// estimate averages (an EWMA with weight 1/estimateSamples, a plain
+	// mean until it has that many), and how many it needs before it may
+	// shed by budget at all: a handful of slow calls is not a trend.
+	estimateSamples = 10
+	// estimateTTL is how long an estimate stays valid after its class's
+	// last completion; then it is forgotten (unknown: never shed by
+	// budget) and the next requests measure the upstream afresh. While a
+	// class has traffic its probes (see Acquire) refresh it well within
+	// this; so it only expires after a silence, and an estimate from a
+	// past burst never sheds the next one. 5 s is longer than any upstream
+	// that is merely slow takes to answer a probe (a slower one is timing
+	// out, and the concurrency limit, not the budget, bounds what is sent
+	// to it), and short against the minutes a class may sit idle.
+	estimateTTL = 5 * time.Second
+	// probes is how many requests of a class over its budget are still
+	// admitted at a time. Their completions keep the estimate measuring
+	// the upstream, so the class is served again as soon as the upstream
+	// is fast, though it may have no other traffic: nothing latches. One
+	// probe would re-measure one sample per round trip (10 round trips to
+	// recover); three recover after a stall about as fast as one estimate
+	// fed by every class did (simulated), at the cost of three requests of
+	// the class in flight to an upstream known to be slow.
+	probes = 3
+)
+
 // Limiter is an adaptive concurrency limit, gradient style: the limit moves
 // by the ratio of the no-load latency baseline to the short-window
 // latency, cut fast when latency rises and recovered slowly, and is
@@ -58,13 +86,39 @@ type Limiter struct {
 	total    int
 	peak     [numClasses]float64 // decaying recent peak demand (in flight + 1) per class
 	peakAt   time.Time
-	short    float64 // mean latency of the last window, seconds
+	short    float64 // mean latency of the last window over all classes, seconds
 	baseline float64 // slowly rising minimum of short: the no-load latency
-	samples  uint64
 	batchSum float64
 	batchN   int
+	estimate [numClasses]estimate
 
 	admitted, rejected [numClasses]uint64
+}
+
+// estimate is one class's recent latency, forgotten estimateTTL after the
+// class's last completion.
+type estimate struct {
+	mean float64 // seconds
+	n    int     // samples since it was last forgotten, capped at estimateSamples
+	last time.Time
+}
+
+func (e *estimate) add(rtt float64, now time.Time) {
+	if now.Sub(e.last) >= estimateTTL {
+		*e = estimate{}
+	}
+	e.n = min(e.n+1, estimateSamples)
+	e.mean += (rtt - e.mean) / float64(e.n)
+	e.last = now
+}
+
+// value is the estimate in seconds, or false while it is unknown: fewer
+// than estimateSamples samples, or none for estimateTTL.
+func (e *estimate) value(now time.Time) (float64, bool) {
+	if e.n < estimateSamples || now.Sub(e.last) >= estimateTTL {
+		return 0, false
+	}
+	return e.mean, true
 }
 
 // NewLimiter returns a limiter at cfg.Initial.
@@ -78,13 +132,18 @@ func (l *Limiter) Acquire(c Class, now time.Time) Verdict {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.decay(now)
-	if l.short > 0 && l.samples >= 10 && time.Duration(l.short*float64(time.Second)) > l.cfg.Budgets[c] {
+	// A class over its budget is refused, but for its probes.
+	if est, ok := l.estimate[c].value(now); ok && est > l.cfg.Budgets[c].Seconds() && l.inflight[c] >= probes {
 		l.rejected[c]++
 		return RejectOverBudget
 	}
 	// Demand, admitted or not, raises the class's recent peak.
 	l.peak[c] = math.Max(l.peak[c], float64(l.inflight[c]+1))
-	if float64(l.total)+l.reserve(c) >= l.limit {
+	// With nothing in flight nothing queues, so any class may go: else a
+	// limit of 2 or less, where C1's spare-capacity rule leaves it no room,
+	// would shut a C1-only cluster for good, as no completion would ever
+	// move the limit again.
+	if l.total > 0 && float64(l.total)+l.reserve(c) >= l.limit {
 		l.rejected[c]++
 		return RejectNoRoom
 	}
@@ -138,14 +197,16 @@ func (l *Limiter) decay(now time.Time) {
 
 func (l *Limiter) guaranteed(c Class) float64 { return l.limit * l.cfg.Shares[c] }
 
-// Release ends an admitted request; latency is request headers → response
-// headers, or negative when unknown (the stream ended without a response).
-func (l *Limiter) Release(c Class, latency time.Duration) {
+// Release ends an admitted request at now; latency is request headers →
+// response headers, or negative when unknown (the stream ended without a
+// response).
+func (l *Limiter) Release(c Class, latency time.Duration, now time.Time) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.inflight[c]--
 	l.total--
 	if latency > 0 {
+		l.estimate[c].add(latency.Seconds(), now)
 		l.sample(latency.Seconds())
 	}
 }
@@ -154,7 +215,6 @@ func (l *Limiter) Release(c Class, latency time.Duration) {
 // one limit's worth of completions (one round trip), so a latency rise is
 // acted on once, not once per request that saw it.
 func (l *Limiter) sample(rtt float64) {
-	l.samples++
 	l.batchSum += rtt
 	l.batchN++
 	if l.short == 0 {
@@ -206,9 +266,12 @@ func (l *Limiter) Snapshot() Snapshot {
 	return s
 }
 
-// LatencyEstimate is the short-window latency (0 before any sample).
-func (l *Limiter) LatencyEstimate() time.Duration {
+// Estimate is class c's latency estimate at now, the one its budget is
+// judged against: 0 while unknown (fewer than estimateSamples completions
+// since it was last forgotten, or none for estimateTTL).
+func (l *Limiter) Estimate(c Class, now time.Time) time.Duration {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return time.Duration(l.short * float64(time.Second))
+	est, _ := l.estimate[c].value(now)
+	return time.Duration(est * float64(time.Second))
 }

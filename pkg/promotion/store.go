@@ -1,13 +1,14 @@
 package promotion
 
 import (
-	"errors"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
 )
 
 var (
@@ -26,7 +27,7 @@ func OpenBoltStore(dir string) (*BoltStore, error) {
 	path := filepath.Join(dir, "state.db")
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
 	switch {
-	case errors.Is(err, bolt.ErrTimeout):
+	case errors.Is(err, bolterrors.ErrTimeout):
 		// The file lock is held: only then is another process the likely cause.
 		return nil, fmt.Errorf("%s is locked: is another knhk using this data_dir?", path)
 	case err != nil:
