@@ -401,8 +401,14 @@ func (s *Server) Serve(ctx context.Context) error {
 	return s.drain()
 }
 
+// drain stops within drain_timeout plus a second, whatever is
+// pending: open streams get drain_timeout, and the receipt log what is left
+// of the rest. Every receipt with a token is already in the fsynced
+// journal, so one that misses its final checkpoint here gets it at the
+// next start.
 func (s *Server) drain() error {
 	timeout := s.config().DrainTimeout.D()
+	deadline := time.Now().Add(timeout + time.Second)
 	s.ready.Store(false)
 	s.health.Shutdown()
 	s.log.Info("draining", "timeout", timeout)
@@ -417,15 +423,25 @@ func (s *Server) drain() error {
 	}
 	// xDS streams never end on their own; Envoy keeps its last config.
 	s.xdsGRPC.Stop()
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), min(time.Second, time.Until(deadline)))
 	defer cancel()
 	_ = s.admin.Shutdown(ctx)
-	s.close()
+	s.closeBy(deadline)
 	s.log.Info("stopped")
 	return nil
 }
 
-func (s *Server) close() {
+func maxTime(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
+// close releases everything after a failed start or a failed listener.
+func (s *Server) close() { s.closeBy(time.Now().Add(5 * time.Second)) }
+
+func (s *Server) closeBy(deadline time.Time) {
 	s.cancel()
 	for _, l := range []net.Listener{s.grpcLis, s.xdsLis, s.adminLis} {
 		if l != nil {
@@ -436,8 +452,11 @@ func (s *Server) close() {
 		_ = s.store.Close()
 	}
 	if s.receipts != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		_ = s.receipts.Close(ctx)
+		// At least a moment, so the index and the journal close cleanly.
+		ctx, cancel := context.WithDeadline(context.Background(), maxTime(deadline, time.Now().Add(200*time.Millisecond)))
+		if err := s.receipts.Close(ctx); err != nil {
+			s.log.Warn("receipts closed before their last checkpoint; it is published at the next start", "error", err.Error())
+		}
 		cancel()
 	}
 	if s.identity != nil {
