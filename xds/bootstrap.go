@@ -46,7 +46,7 @@ func Bootstrap(o BootstrapOptions) (*bootstrapv3.Bootstrap, error) {
 	if err != nil {
 		return nil, fmt.Errorf("knhk gRPC address: %w", err)
 	}
-	xdsCluster, err := endpointCluster(ClusterXDS, []string{o.KnhkXDS}, true)
+	xdsCluster, err := endpointCluster(ClusterXDS, []string{o.KnhkXDS}, grpcProtocol())
 	if err != nil {
 		return nil, fmt.Errorf("knhk xDS address: %w", err)
 	}

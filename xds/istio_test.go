@@ -10,8 +10,10 @@ import (
 	"testing"
 
 	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	"go.yaml.in/yaml/v3"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/knhk/knhk/pkg/config"
 )
@@ -58,7 +60,9 @@ func dig(t *testing.T, v any, path ...any) any {
 }
 
 // The Istio example's ext_proc filter is a valid Envoy ExternalProcessor
-// that asks for what knhk needs, and its knhk config validates.
+// that asks for what knhk needs, the gateway's connection manager strips
+// client x-knhk-* headers before routing and has the bootstrap's header
+// limits, and its knhk config validates.
 func TestIstioExample(t *testing.T) {
 	ef := istioDocs(t, "envoyfilter.yaml")[0]
 	tc := dig(t, ef, "spec", "configPatches", 0, "patch", "value", "typed_config").(map[string]any)
@@ -83,6 +87,30 @@ func TestIstioExample(t *testing.T) {
 	}
 	if len(ext.GetResponseAttributes()) != 1 || ext.GetResponseAttributes()[0] != clusterAttribute {
 		t.Fatalf("response attributes %v, want [%s]", ext.GetResponseAttributes(), clusterAttribute)
+	}
+
+	// The gateway's header limits leave knhk the same headroom as the bootstrap.
+	hp := dig(t, ef, "spec", "configPatches", 1, "patch", "value", "typed_config").(map[string]any)
+	if hp["@type"] != "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager" {
+		t.Fatalf("@type %v", hp["@type"])
+	}
+	delete(hp, "@type")
+	if j, err = json.Marshal(hp); err != nil {
+		t.Fatal(err)
+	}
+	var hcm hcmv3.HttpConnectionManager
+	if err := protojson.Unmarshal(j, &hcm); err != nil {
+		t.Fatalf("EnvoyFilter's HCM patch is not an Envoy HttpConnectionManager: %v", err)
+	}
+	want, _ := protojson.Marshal(stripClientHeaders(""))
+	if got := hcm.GetEarlyHeaderMutationExtensions(); len(got) != 1 || !proto.Equal(got[0], stripClientHeaders("")) {
+		t.Fatalf("gateway early header mutations %v, want %s (client x-knhk-* dropped before routing)", got, want)
+	}
+	if hcm.GetCommonHttpProtocolOptions().GetMaxHeadersCount().GetValue() != maxHeadersCount ||
+		hcm.GetMaxRequestHeadersKb().GetValue() != maxRequestHeadersKB {
+		t.Fatalf("gateway header limits %d headers, %d KiB; want %d, %d as in the bootstrap",
+			hcm.GetCommonHttpProtocolOptions().GetMaxHeadersCount().GetValue(), hcm.GetMaxRequestHeadersKb().GetValue(),
+			maxHeadersCount, maxRequestHeadersKB)
 	}
 
 	for _, d := range istioDocs(t, "knhk.yaml") {

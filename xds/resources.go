@@ -20,9 +20,9 @@ import (
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	adaptivev3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/adaptive_concurrency/v3"
 	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
-	headermutationv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/header_mutation/v3"
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	earlymutationv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/http/early_header_mutation/header_mutation/v3"
 	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
@@ -49,18 +49,40 @@ const (
 	bucketsTotal     = 10000
 )
 
+// Header limits. Envoy's codec takes a request at up to the HCM's limits,
+// then ext_proc checks the headers after knhk's mutations against the same
+// limits (a response against its cluster's) and answers 500 when they are
+// exceeded: "After mutation, the total header count 105 exceeds the count
+// limit 100" for 98 client header lines at the defaults: Envoy's own
+// (pseudo-headers, x-forwarded-proto, x-request-id) and knhk's (x-knhk-version,
+// -slo-class, -flags) added 7; on responses :status,
+// x-envoy-upstream-service-time, x-knhk-version and x-knhk-receipt. So the
+// limits sit above Envoy's defaults (100 headers, 60 KiB of request
+// headers, 80 KiB of HTTP/1 response headers) and what Envoy accepts at its
+// defaults is still served. Envoy has no separate limit for the client's
+// part, so it also takes up to 120 lines from a client, and one with more
+// than about 113 still fails the check.
+const (
+	headerCountHeadroom  = 20
+	headerKBHeadroom     = 4
+	maxHeadersCount      = 100 + headerCountHeadroom
+	maxRequestHeadersKB  = 60 + headerKBHeadroom
+	maxResponseHeadersKB = 80 + headerKBHeadroom
+)
+
 // Upstreams are the endpoints of each version (host:port).
 type Upstreams struct {
 	Stable, Canary []string
 }
 
-// UpstreamClusters returns the stable and canary clusters.
+// UpstreamClusters returns the stable and canary clusters (HTTP/1.1, with
+// headroom for knhk's response headers).
 func UpstreamClusters(u Upstreams) ([]*clusterv3.Cluster, error) {
-	s, err := endpointCluster(ClusterStable, u.Stable, false)
+	s, err := endpointCluster(ClusterStable, u.Stable, versionProtocol())
 	if err != nil {
 		return nil, fmt.Errorf("upstreams.stable: %w", err)
 	}
-	c, err := endpointCluster(ClusterCanary, u.Canary, false)
+	c, err := endpointCluster(ClusterCanary, u.Canary, versionProtocol())
 	if err != nil {
 		return nil, fmt.Errorf("upstreams.canary: %w", err)
 	}
@@ -69,10 +91,41 @@ func UpstreamClusters(u Upstreams) ([]*clusterv3.Cluster, error) {
 
 // KnhkCluster is the HTTP/2 cluster Envoy uses to reach knhk's gRPC listener.
 func KnhkCluster(addr string) (*clusterv3.Cluster, error) {
-	return endpointCluster(ClusterKnhk, []string{addr}, true)
+	return endpointCluster(ClusterKnhk, []string{addr}, grpcProtocol())
 }
 
-func endpointCluster(name string, addrs []string, http2 bool) (*clusterv3.Cluster, error) {
+// grpcProtocol is HTTP/2, for knhk's gRPC listeners.
+func grpcProtocol() *upstreamhttpv3.HttpProtocolOptions {
+	return &upstreamhttpv3.HttpProtocolOptions{
+		UpstreamProtocolOptions: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig_{
+			ExplicitHttpConfig: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig{
+				ProtocolConfig: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{
+					Http2ProtocolOptions: &corev3.Http2ProtocolOptions{},
+				},
+			},
+		},
+	}
+}
+
+// versionProtocol is HTTP/1.1 (Envoy's default) with response header
+// limits that leave room for knhk's response headers.
+func versionProtocol() *upstreamhttpv3.HttpProtocolOptions {
+	return &upstreamhttpv3.HttpProtocolOptions{
+		CommonHttpProtocolOptions: &corev3.HttpProtocolOptions{
+			MaxHeadersCount:      wrapperspb.UInt32(maxHeadersCount),
+			MaxResponseHeadersKb: wrapperspb.UInt32(maxResponseHeadersKB),
+		},
+		UpstreamProtocolOptions: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig_{
+			ExplicitHttpConfig: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig{
+				ProtocolConfig: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig_HttpProtocolOptions{
+					HttpProtocolOptions: &corev3.Http1ProtocolOptions{},
+				},
+			},
+		},
+	}
+}
+
+func endpointCluster(name string, addrs []string, protocol *upstreamhttpv3.HttpProtocolOptions) (*clusterv3.Cluster, error) {
 	lbEndpoints := make([]*endpointv3.LbEndpoint, 0, len(addrs))
 	dns := false
 	for _, a := range addrs {
@@ -97,7 +150,7 @@ func endpointCluster(name string, addrs []string, http2 bool) (*clusterv3.Cluste
 	if dns {
 		typ = clusterv3.Cluster_STRICT_DNS
 	}
-	c := &clusterv3.Cluster{
+	return &clusterv3.Cluster{
 		Name:                 name,
 		ConnectTimeout:       durationpb.New(time.Second),
 		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: typ},
@@ -105,21 +158,10 @@ func endpointCluster(name string, addrs []string, http2 bool) (*clusterv3.Cluste
 			ClusterName: name,
 			Endpoints:   []*endpointv3.LocalityLbEndpoints{{LbEndpoints: lbEndpoints}},
 		},
-	}
-	if http2 {
-		c.TypedExtensionProtocolOptions = map[string]*anypb.Any{
-			"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": mustAny(&upstreamhttpv3.HttpProtocolOptions{
-				UpstreamProtocolOptions: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig_{
-					ExplicitHttpConfig: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig{
-						ProtocolConfig: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{
-							Http2ProtocolOptions: &corev3.Http2ProtocolOptions{},
-						},
-					},
-				},
-			}),
-		}
-	}
-	return c, nil
+		TypedExtensionProtocolOptions: map[string]*anypb.Any{
+			"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": mustAny(protocol),
+		},
+	}, nil
 }
 
 // looksLikeIP decides STATIC versus STRICT_DNS. A dotted numeral such as
@@ -210,17 +252,9 @@ type FilterOptions struct {
 	AdaptiveConcurrency bool
 }
 
-// HTTPFilters returns, in order: a header_mutation filter that drops client
-// x-knhk-* headers (so even when ext_proc fails open a client cannot pick its
-// version), the ext_proc filter pointing at knhk, and the router.
+// HTTPFilters returns, in order, the ext_proc filter pointing at knhk and
+// the router (client x-knhk-* headers are gone by then: see Listener).
 func HTTPFilters(o FilterOptions) []*hcmv3.HttpFilter {
-	strip := &headermutationv3.HeaderMutation{Mutations: &headermutationv3.Mutations{
-		RequestMutations: []*mutationv3.HeaderMutation{{
-			Action: &mutationv3.HeaderMutation_RemoveOnMatch_{RemoveOnMatch: &mutationv3.HeaderMutation_RemoveOnMatch{
-				KeyMatcher: stripMatcher(o.TrustedHeader),
-			}},
-		}},
-	}}
 	ext := &extprocfilterv3.ExternalProcessor{
 		GrpcService: &corev3.GrpcService{
 			TargetSpecifier: &corev3.GrpcService_EnvoyGrpc_{EnvoyGrpc: &corev3.GrpcService_EnvoyGrpc{ClusterName: ClusterKnhk}},
@@ -251,7 +285,6 @@ func HTTPFilters(o FilterOptions) []*hcmv3.HttpFilter {
 		return []*hcmv3.HttpFilter{router}
 	}
 	return []*hcmv3.HttpFilter{
-		{Name: "knhk.strip_client_headers", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(strip)}},
 		{Name: "envoy.filters.http.ext_proc", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(ext)}},
 		router,
 	}
@@ -265,16 +298,38 @@ func ADSSource() *corev3.ConfigSource {
 	}
 }
 
+// stripClientHeaders drops client x-knhk-* headers (but the trusted one) in
+// an early header mutation: before Envoy picks the route, not in an HTTP
+// filter. Envoy picks the route before the filter chain runs, and only
+// ext_proc clears that choice; so when ext_proc fails open, a header removed
+// by a filter would already have routed the request (x-knhk-version: canary
+// to the canary).
+func stripClientHeaders(trusted string) *corev3.TypedExtensionConfig {
+	return &corev3.TypedExtensionConfig{Name: "knhk.strip_client_headers", TypedConfig: mustAny(&earlymutationv3.HeaderMutation{
+		Mutations: []*mutationv3.HeaderMutation{{
+			Action: &mutationv3.HeaderMutation_RemoveOnMatch_{RemoveOnMatch: &mutationv3.HeaderMutation_RemoveOnMatch{
+				KeyMatcher: stripMatcher(trusted),
+			}},
+		}},
+	})}
+}
+
 // Listener is the client-facing HTTP listener with knhk's filters; its route
 // table (RouteName) comes from knhk over ADS.
 func Listener(address string, port uint32, f FilterOptions) *listenerv3.Listener {
 	hcm := &hcmv3.HttpConnectionManager{
 		StatPrefix: "ingress",
 		CodecType:  hcmv3.HttpConnectionManager_AUTO,
+		// Headroom for knhk's request headers: see maxHeadersCount.
+		CommonHttpProtocolOptions: &corev3.HttpProtocolOptions{MaxHeadersCount: wrapperspb.UInt32(maxHeadersCount)},
+		MaxRequestHeadersKb:       wrapperspb.UInt32(maxRequestHeadersKB),
 		RouteSpecifier: &hcmv3.HttpConnectionManager_Rds{Rds: &hcmv3.Rds{
 			ConfigSource: ADSSource(), RouteConfigName: RouteName,
 		}},
 		HttpFilters: HTTPFilters(f),
+	}
+	if !f.SkipExtProc {
+		hcm.EarlyHeaderMutationExtensions = []*corev3.TypedExtensionConfig{stripClientHeaders(f.TrustedHeader)}
 	}
 	return &listenerv3.Listener{
 		Name:    ListenerName,

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 )
 
 func weights(rc *routev3.RouteConfiguration) map[string]uint32 {
@@ -56,7 +57,8 @@ func TestBootstrap(t *testing.T) {
 	}
 	s := string(y)
 	for _, want := range []string{"failure_mode_allow: false", "request_body_mode: NONE", "type: STRICT_DNS", "xds.cluster_name",
-		"prefix: x-knhk-", "http2_protocol_options", "api_type: DELTA_GRPC", "route_config_name: knhk_routes", "cluster_name: knhk_xds"} {
+		"prefix: x-knhk-", "http2_protocol_options", "api_type: DELTA_GRPC", "route_config_name: knhk_routes", "cluster_name: knhk_xds",
+		"max_headers_count: 120", "max_request_headers_kb: 64", "early_header_mutation_extensions"} {
 		if !strings.Contains(s, want) {
 			t.Errorf("bootstrap lacks %q", want)
 		}
@@ -80,6 +82,20 @@ func TestUpstreamClusters(t *testing.T) {
 	}
 	if cs[0].GetName() != ClusterStable || cs[0].GetType().String() != "STATIC" || cs[1].GetType().String() != "STRICT_DNS" {
 		t.Fatalf("%v %v", cs[0].GetType(), cs[1].GetType())
+	}
+	for _, c := range cs {
+		if err := c.ValidateAll(); err != nil {
+			t.Fatal(err)
+		}
+		var p upstreamhttpv3.HttpProtocolOptions
+		if err := c.GetTypedExtensionProtocolOptions()["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].UnmarshalTo(&p); err != nil {
+			t.Fatal(err)
+		}
+		// Room for x-knhk-version and x-knhk-receipt on a response Envoy took at its defaults.
+		if co := p.GetCommonHttpProtocolOptions(); co.GetMaxHeadersCount().GetValue() <= 100 || co.GetMaxResponseHeadersKb().GetValue() <= 80 ||
+			p.GetExplicitHttpConfig().GetHttpProtocolOptions() == nil {
+			t.Fatalf("%s: protocol options %v", c.GetName(), &p)
+		}
 	}
 	if _, err := UpstreamClusters(Upstreams{Stable: []string{"x"}}); err == nil || !strings.Contains(err.Error(), "upstreams.stable") {
 		t.Fatalf("bad endpoint: %v", err)

@@ -24,9 +24,10 @@ type Envoy struct {
 	stopErr   error
 }
 
-// StartEnvoy runs Envoy with the bootstrap file. workDir holds func-e's
-// state (logs, admin address file); logs receive Envoy's output.
-func StartEnvoy(bootstrap string, adminPort int, workDir string, logs io.Writer) (*Envoy, error) {
+// StartEnvoy runs Envoy with the bootstrap file and extra Envoy flags.
+// workDir holds func-e's state (logs, admin address file); logs receive
+// Envoy's output.
+func StartEnvoy(bootstrap string, adminPort int, workDir string, logs io.Writer, extra ...string) (*Envoy, error) {
 	bin, err := EnvoyPath()
 	if err != nil {
 		return nil, err
@@ -40,6 +41,7 @@ func StartEnvoy(bootstrap string, adminPort int, workDir string, logs io.Writer)
 	args := []string{"-c", bootstrap, "--log-level", "warn", "--concurrency", "2", "--drain-time-s", "1", "--base-id-path", filepath.Join(home, "base-id")}
 	// Envoy's shared-memory base id must differ per instance on one host.
 	args = append(args, "--use-dynamic-base-id")
+	args = append(args, extra...)
 	go func() {
 		e.done <- funce.Run(ctx, args,
 			api.EnvoyPath(bin), api.HomeDir(home),
