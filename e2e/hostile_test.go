@@ -3,6 +3,7 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -61,9 +62,10 @@ func reset(addr, user string) error {
 
 // TestOversizedRequestsAreServedWithReceipts: a 9 KiB path, a 59 KiB
 // header block and 95 headers are all served, each with a receipt that
-// verifies, whether or not receipts are required. A long path once went
-// out unreceipted, and 95 headers once failed with a 500 because knhk's
-// own headers pushed Envoy over its header-count limit.
+// verifies, whether or not receipts are required; so is knhk's 431 for a
+// request Envoy takes but that leaves no room for knhk's headers. A long
+// path once went out unreceipted, and 95 headers once failed with a bare
+// 500 because knhk's own headers pushed Envoy over its header-count limit.
 func TestOversizedRequestsAreServedWithReceipts(t *testing.T) {
 	for _, required := range []bool{false, true} {
 		t.Run(fmt.Sprintf("required=%v", required), func(t *testing.T) {
@@ -76,10 +78,13 @@ func TestOversizedRequestsAreServedWithReceipts(t *testing.T) {
 				name    string
 				path    string
 				headers map[string]string
+				status  int
 			}{
-				{"9 KiB path", longPath, map[string]string{"x-user-id": "u1"}},
-				{"59 KiB header block", "/big", bigHeaders(59, "u2")},
-				{"95 headers", "/many", manyHeaders(95, "u3")},
+				{"9 KiB path", longPath, map[string]string{"x-user-id": "u1"}, http.StatusOK},
+				{"59 KiB header block", "/big", bigHeaders(59, "u2"), http.StatusOK},
+				{"95 headers", "/many", manyHeaders(95, "u3"), http.StatusOK},
+				// Envoy takes it, but knhk's headers would not fit: knhk's own 431.
+				{"116 headers", "/too-many", manyHeaders(116, "u4"), http.StatusRequestHeaderFieldsTooLarge},
 			}
 			for _, c := range cases {
 				r, err := get(s.URL+c.path, c.headers)
@@ -87,8 +92,8 @@ func TestOversizedRequestsAreServedWithReceipts(t *testing.T) {
 					t.Fatalf("%s: %v", c.name, err)
 				}
 				tok := r.header.Get("x-knhk-receipt")
-				if r.status != http.StatusOK || r.version == "" {
-					t.Fatalf("%s: status %d, version %q, want 200 with x-knhk-version", c.name, r.status, r.version)
+				if r.status != c.status || (c.status == http.StatusOK && r.version == "") {
+					t.Fatalf("%s: status %d, version %q, want %d (with x-knhk-version if served)", c.name, r.status, r.version, c.status)
 				}
 				if _, err := receipt.ParseToken(tok); err != nil || len(tok) > 512 {
 					t.Fatalf("%s: x-knhk-receipt %q (%d bytes): %v", c.name, tok, len(tok), err)
@@ -203,6 +208,17 @@ func TestReceiptFailure(t *testing.T) {
 			if m := metricValue(string(metrics), "knhk_receipt_errors_total"); m < 100 {
 				t.Fatalf("knhk_receipt_errors_total %v, want ≥ 100", m)
 			}
+			// Not ready, saying why without naming server files.
+			resp, err := http.Get(s.Knhk.AdminURL() + "/readyz")
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			_ = resp.Body.Close()
+			if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(body), "receipt journal failed") ||
+				strings.Contains(string(body), s.Knhk.Config.DataDir) {
+				t.Fatalf("/readyz with a failed journal: %d %q", resp.StatusCode, body)
+			}
 			if lines := strings.Count(logs.String(), "receipts not logged"); lines == 0 || lines > 60 {
 				t.Fatalf("%d log lines for %d failures, want a line a second at most", lines, refused+unreceipted)
 			}
@@ -237,6 +253,7 @@ func TestCraftedRequestsCannotRollBackACanary(t *testing.T) {
 		func() error { return served("/many", manyHeaders(95, user)) },
 		func() error { return served("/big", bigHeaders(59, user)) },
 		func() error { refused("/too-many", manyHeaders(150, user)); return nil },
+		func() error { refused("/no-room", manyHeaders(116, user)); return nil },
 		func() error { refused("/too-big", bigHeaders(120, user)); return nil },
 		func() error { return reset(s.ListenerAddr(), user) },
 	}

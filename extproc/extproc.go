@@ -8,12 +8,14 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	extprocv3 "github.com/envoyproxy/go-control-plane/envoy/service/ext_proc/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -61,10 +63,12 @@ func (c Clusters) version(name string) canary.Version {
 }
 
 // Observer receives every finished request: the version that served it,
-// whether it failed (5xx, local reply, reset) and its latency from request
-// headers to response headers.
+// whether it failed (an upstream 5xx or Envoy's reply for it) and its
+// latency from request headers to response headers; and every request
+// abandoned before its response headers, with how long it had waited.
 type Observer interface {
 	Observe(v canary.Version, failed bool, latency time.Duration)
+	Abandoned(v canary.Version, waited time.Duration)
 }
 
 // Server implements envoy.service.ext_proc.v3.ExternalProcessor.
@@ -76,6 +80,7 @@ type Server struct {
 	admission  atomic.Pointer[Admission]
 	receipts   atomic.Pointer[receipts]
 	receiptLog failureLog
+	limits     atomic.Pointer[HeaderLimits]
 	clusters   Clusters
 	metrics    *Metrics
 	log        *slog.Logger
@@ -89,6 +94,70 @@ func NewServer(r *canary.Router, clusters Clusters, m *Metrics, log *slog.Logger
 	s := &Server{clusters: clusters, metrics: m, log: log, observer: obs, now: time.Now}
 	s.router.Store(r)
 	return s
+}
+
+// HeaderLimits are Envoy's header limits (count, and bytes of names and
+// values) that knhk's mutations must keep within: past them Envoy turns the
+// request or response into a bare 500. Zero fields are not checked.
+type HeaderLimits struct {
+	Count, RequestBytes, ResponseBytes int
+}
+
+// SetHeaderLimits sets the limits knhk's mutations must fit.
+func (s *Server) SetHeaderLimits(l HeaderLimits) { s.limits.Store(&l) }
+
+// overflows reports whether hs with mut applied would exceed the limits.
+func (s *Server) overflows(hs headerView, mut *extprocv3.HeaderMutation, response bool) bool {
+	l := s.limits.Load()
+	if l == nil {
+		return false
+	}
+	maxBytes := l.RequestBytes
+	if response {
+		maxBytes = l.ResponseBytes
+	}
+	n, size := len(hs), 0
+	for _, h := range hs {
+		size += len(h.GetKey()) + len(h.GetValue()) + len(h.GetRawValue())
+		if contains(mut.RemoveHeaders, h.GetKey()) {
+			n--
+			size -= len(h.GetKey()) + len(h.GetValue()) + len(h.GetRawValue())
+		}
+	}
+	for _, h := range mut.SetHeaders {
+		k := h.GetHeader().GetKey()
+		if old, ok := hs.Get(k); ok {
+			size -= len(k) + len(old)
+		} else {
+			n++
+		}
+		size += len(k) + len(h.GetHeader().GetRawValue())
+	}
+	return (l.Count > 0 && n > l.Count) || (maxBytes > 0 && size > maxBytes)
+}
+
+// tooLarge is knhk's own answer, with a receipt, when its headers would not
+// fit Envoy's limits: better than Envoy's bare 500, and never blamed on a
+// version.
+func (s *Server) tooLarge(st *stream, code typev3.StatusCode, why string) *extprocv3.ProcessingResponse {
+	s.metrics.headerOverflows.Inc()
+	resp := &extprocv3.ProcessingResponse{Response: &extprocv3.ProcessingResponse_ImmediateResponse{
+		ImmediateResponse: &extprocv3.ImmediateResponse{
+			Status:  &typev3.HttpStatus{Code: code},
+			Headers: &extprocv3.HeaderMutation{},
+			Body:    []byte(why + "\n"),
+			Details: "knhk_header_limit",
+		},
+	}}
+	h, refuse := s.issue(st, int(code), "refused:header_limit", nil)
+	if refuse {
+		return refusedForReceipt()
+	}
+	if h != nil {
+		ir := resp.GetImmediateResponse()
+		ir.Headers.SetHeaders = append(ir.Headers.SetHeaders, h)
+	}
+	return resp
 }
 
 // SetFlags swaps the feature flags (config reload); nil means none.
@@ -190,6 +259,13 @@ func (s *Server) handle(st *stream, req *extprocv3.ProcessingRequest) (*extprocv
 func (s *Server) streamEnded(st *stream) {
 	st.release(s)
 	if st.sawRequest && !st.sawResponse {
+		// What it does say is that the version took at least this long: a
+		// hung canary whose clients give up before the route timeout still
+		// shows in its latency (a lower bound), though never as an error
+		// and never in the hard-breach count.
+		if s.observer != nil && st.version != canary.None {
+			s.observer.Abandoned(st.version, s.now().Sub(st.start))
+		}
 		s.metrics.resets.Inc()
 	}
 }
@@ -247,6 +323,17 @@ func (s *Server) requestHeaders(st *stream, h *extprocv3.HttpHeaders, req *extpr
 			s.metrics.stripped.Inc()
 		}
 	}
+	if s.overflows(hs, mut, false) {
+		// Flags and the class are advisory: drop them before refusing.
+		// The routing header is what the route table needs.
+		mut.SetHeaders = slices.DeleteFunc(mut.SetHeaders, func(h *corev3.HeaderValueOption) bool {
+			return h.GetHeader().GetKey() != HeaderVersion
+		})
+		if s.overflows(hs, mut, false) {
+			return s.tooLarge(st, typev3.StatusCode_RequestHeaderFieldsTooLarge,
+				"request headers leave no room for knhk's routing header within Envoy's limits")
+		}
+	}
 	s.countMutations(false, mut)
 	return &extprocv3.ProcessingResponse{
 		Response: &extprocv3.ProcessingResponse_RequestHeaders{
@@ -282,6 +369,20 @@ func (s *Server) responseHeaders(st *stream, req *extprocv3.ProcessingRequest) *
 		mut.SetHeaders = append(mut.SetHeaders, setHeader(HeaderVersion, versionRaw[v]))
 	}
 	rh := headerView(req.GetResponseHeaders().GetHeaders().GetHeaders())
+	if s.receipts.Load() != nil && st.sawRequest {
+		room := &extprocv3.HeaderMutation{SetHeaders: append(slices.Clip(mut.SetHeaders), setHeader(HeaderReceipt, make([]byte, receiptTokenMax)))}
+		if s.overflows(rh, room, true) {
+			// x-knhk-version is informational: the receipt must fit.
+			mut.SetHeaders = nil
+			room.SetHeaders = room.SetHeaders[len(room.SetHeaders)-1:]
+			if s.overflows(rh, room, true) {
+				return s.tooLarge(st, typev3.StatusCode_BadGateway,
+					"the upstream's response headers leave no room for x-knhk-receipt within Envoy's limits")
+			}
+		}
+	} else if s.overflows(rh, mut, true) {
+		mut.SetHeaders = nil
+	}
 	h, refuse := s.issue(st, statusCode(rh), "admitted", rh)
 	if refuse {
 		return refusedForReceipt()

@@ -9,18 +9,19 @@ import (
 
 // Metrics are the ext_proc decision counters exported at /metrics.
 type Metrics struct {
-	decisions      [3]prometheus.Counter // indexed by canary.Version
-	stripped       prometheus.Counter
-	resets         prometheus.Counter
-	streamsActive  prometheus.Gauge
-	streamErrors   *prometheus.CounterVec
-	admission      [3][3]prometheus.Counter // [class][verdict]
-	receipts       prometheus.Counter
-	receiptErrors  prometheus.Counter
-	receiptRefused prometheus.Counter
-	localReplies   prometheus.Counter
-	mutations      *prometheus.CounterVec
-	mutation       [2][2]prometheus.Counter // [response phase][remove]
+	decisions       [3]prometheus.Counter // indexed by canary.Version
+	stripped        prometheus.Counter
+	resets          prometheus.Counter
+	streamsActive   prometheus.Gauge
+	streamErrors    *prometheus.CounterVec
+	admission       [3][3]prometheus.Counter // [class][verdict]
+	receipts        prometheus.Counter
+	receiptErrors   prometheus.Counter
+	receiptRefused  prometheus.Counter
+	localReplies    prometheus.Counter
+	headerOverflows prometheus.Counter
+	mutations       *prometheus.CounterVec
+	mutation        [2][2]prometheus.Counter // [response phase][remove]
 }
 
 // NewMetrics registers the ext_proc metrics on reg.
@@ -41,6 +42,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		localReplies: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "knhk_extproc_local_replies_total",
 			Help: "Responses Envoy made itself before reaching any upstream (no xds.cluster_name); never counted against a version.",
+		}),
+		headerOverflows: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "knhk_extproc_header_limit_refusals_total",
+			Help: "Requests answered 431 (or responses 502) by knhk because its headers would push them past Envoy's header limits.",
 		}),
 		mutations: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "knhk_extproc_header_mutations_total",
@@ -81,6 +86,6 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			m.mutation[i][j] = m.mutations.WithLabelValues(ph, op)
 		}
 	}
-	reg.MustRegister(dec, adm, m.stripped, m.resets, m.localReplies, m.mutations, m.streamsActive, m.streamErrors, m.receipts, m.receiptErrors, m.receiptRefused)
+	reg.MustRegister(dec, adm, m.stripped, m.resets, m.localReplies, m.headerOverflows, m.mutations, m.streamsActive, m.streamErrors, m.receipts, m.receiptErrors, m.receiptRefused)
 	return m
 }

@@ -19,6 +19,9 @@ import (
 // HeaderReceipt carries the receipt token back to the client.
 const HeaderReceipt = "x-knhk-receipt"
 
+// receiptTokenMax bounds a token (pkg/receipt keeps them within 512 bytes).
+const receiptTokenMax = 512
+
 // Issuer durably logs a receipt and returns its token.
 type Issuer interface {
 	Issue(ctx context.Context, r *receipt.Receipt) (string, error)

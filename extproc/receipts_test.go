@@ -191,3 +191,68 @@ func TestReceiptRecordsCallerSPIFFEID(t *testing.T) {
 		})
 	}
 }
+
+// TestHeadersThatWouldOverflowEnvoysLimits: a request (or response) whose
+// headers leave no room for knhk's within Envoy's limits gets knhk's own
+// 431 (502) with a receipt, not Envoy's bare 500 without one.
+func TestHeadersThatWouldOverflowEnvoysLimits(t *testing.T) {
+	s, _ := newServer(t, 50)
+	s.SetHeaderLimits(HeaderLimits{Count: 120, RequestBytes: 64 << 10, ResponseBytes: 84 << 10})
+	var got issued
+	s.SetReceipts(&got, ReceiptOptions{})
+	c := dial(t, s)
+	send := func(kv []string, respKV []string) (req, resp *extprocv3.ProcessingResponse) {
+		stream, err := c.Process(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _ = stream.CloseSend() }()
+		if err := stream.Send(reqHeaders(kv...)); err != nil {
+			t.Fatal(err)
+		}
+		if req, err = stream.Recv(); err != nil {
+			t.Fatal(err)
+		}
+		if req.GetImmediateResponse() != nil || respKV == nil {
+			return req, nil
+		}
+		r := respHeaders("knhk_stable")
+		r.GetResponseHeaders().Headers = headers(respKV...)
+		if err := stream.Send(r); err != nil {
+			t.Fatal(err)
+		}
+		if resp, err = stream.Recv(); err != nil {
+			t.Fatal(err)
+		}
+		return req, resp
+	}
+	pad := func(n int, kv ...string) []string {
+		for i := range n {
+			kv = append(kv, fmt.Sprintf("x-pad-%03d", i), "v")
+		}
+		return kv
+	}
+	base := []string{":method", "GET", ":path", "/", ":authority", "a", ":scheme", "http", "x-user-id", "u1"}
+
+	req, _ := send(pad(120-len(base)/2, base...), nil) // at the limit, before knhk adds x-knhk-version
+	ir := req.GetImmediateResponse()
+	if ir == nil || ir.GetStatus().GetCode() != typev3.StatusCode_RequestHeaderFieldsTooLarge || receiptHeader(ir.GetHeaders()) == "" {
+		t.Fatalf("120 headers + knhk's: %v, want 431 with a receipt", req)
+	}
+	req, _ = send(base[:len(base):len(base)], nil)
+	if req.GetImmediateResponse() != nil {
+		t.Fatalf("a small request was refused: %v", req)
+	}
+	big := append(base[:len(base):len(base)], "x-big", strings.Repeat("a", 64<<10-60))
+	if req, _ := send(big, nil); req.GetImmediateResponse().GetStatus().GetCode() != typev3.StatusCode_RequestHeaderFieldsTooLarge {
+		t.Fatalf("a header block at the byte limit: %v, want 431", req)
+	}
+	_, resp := send(base, pad(119, ":status", "200"))
+	if ir := resp.GetImmediateResponse(); ir == nil || ir.GetStatus().GetCode() != typev3.StatusCode_BadGateway || receiptHeader(ir.GetHeaders()) == "" {
+		t.Fatalf("a response at the count limit: %v, want 502 with a receipt", resp)
+	}
+	_, resp = send(base, pad(50, ":status", "200"))
+	if resp.GetImmediateResponse() != nil || receiptHeader(resp.GetResponseHeaders().GetResponse().GetHeaderMutation()) == "" {
+		t.Fatalf("an ordinary response: %v, want it served with a receipt", resp)
+	}
+}

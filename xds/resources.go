@@ -62,6 +62,8 @@ const (
 // defaults is still served. Envoy has no separate limit for the client's
 // part, so it also takes up to 120 lines from a client, and one with more
 // than about 113 still fails the check.
+// knhk's ext_proc answers a request that would still overflow them with
+// its own 431 (and a response with 502), receipt included (HeaderLimits).
 const (
 	headerCountHeadroom  = 20
 	headerKBHeadroom     = 4
@@ -69,6 +71,11 @@ const (
 	maxRequestHeadersKB  = 60 + headerKBHeadroom
 	maxResponseHeadersKB = 80 + headerKBHeadroom
 )
+
+// HeaderLimits are the limits the generated bootstrap gives Envoy.
+func HeaderLimits() struct{ Count, RequestBytes, ResponseBytes int } {
+	return struct{ Count, RequestBytes, ResponseBytes int }{maxHeadersCount, maxRequestHeadersKB * 1024, maxResponseHeadersKB * 1024}
+}
 
 // Upstreams are the endpoints of each version (host:port).
 type Upstreams struct {

@@ -58,8 +58,13 @@ func (s *Server) handleReady(w http.ResponseWriter, _ *http.Request) {
 		http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
 		return
 	}
-	if err := s.receiptsDegraded(); err != nil {
-		http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+	failed, degraded := s.receiptsHealth()
+	if failed != "" {
+		http.Error(w, "not ready: "+failed, http.StatusServiceUnavailable)
+		return
+	}
+	if degraded != "" {
+		_, _ = w.Write([]byte("ready, degraded: " + degraded + "\n"))
 		return
 	}
 	_, _ = w.Write([]byte("ready\n"))

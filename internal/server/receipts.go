@@ -3,6 +3,7 @@ package server
 import (
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"math"
 	"net/http"
 	"strconv"
@@ -26,13 +27,24 @@ func (s *Server) registerReceiptMetrics() {
 	}, func() float64 { return float64(rs.IndexFlushErrors()) }))
 }
 
-// receiptsDegraded is why receipts are unhealthy (for /readyz), nil when
+// receiptsHealth says why receipts are unhealthy (for /readyz), "" when
 // they are fine or off.
-func (s *Server) receiptsDegraded() error {
+//
+// failed means no receipt can be logged: knhk is not ready. degraded means
+// receipts are still issued but recent ones may not be found by id yet:
+// still ready, since pulling knhk out of service would only send requests
+// past it. Neither text names a file; the log has the cause.
+func (s *Server) receiptsHealth() (failed, degraded string) {
 	if s.receipts == nil {
-		return nil
+		return "", ""
 	}
-	return s.receipts.Degraded()
+	if err := s.receipts.Failed(); err != nil {
+		failed = "the receipt journal failed, so no receipt can be logged (the log has the cause)"
+	}
+	if n := s.receipts.IndexFlushErrors(); s.receipts.Degraded() != nil && n > 0 {
+		degraded = fmt.Sprintf("the receipt index is failing to flush (%d errors): recent receipts may not be found by id until it recovers", n)
+	}
+	return failed, degraded
 }
 
 // internalError answers 500 without the error's text, which can name

@@ -183,12 +183,12 @@ func TestReceiptHealthExported(t *testing.T) {
 	if !found {
 		t.Fatal("knhk_receipt_index_flush_errors_total is not exported as a counter at 0")
 	}
-	if err := s.receiptsDegraded(); err != nil {
-		t.Fatalf("healthy receipts degraded: %v", err)
+	if failed, degraded := s.receiptsHealth(); failed != "" || degraded != "" {
+		t.Fatalf("healthy receipts: failed %q, degraded %q", failed, degraded)
 	}
 	off := &Server{log: slog.New(slog.DiscardHandler), reg: prometheus.NewRegistry()}
 	off.registerReceiptMetrics()
-	if err := off.receiptsDegraded(); err != nil {
-		t.Fatalf("receipts off, degraded: %v", err)
+	if failed, degraded := off.receiptsHealth(); failed != "" || degraded != "" {
+		t.Fatalf("receipts off: failed %q, degraded %q", failed, degraded)
 	}
 }

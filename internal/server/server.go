@@ -132,7 +132,9 @@ func (s *Server) openReceipts(cfg *config.Config) error {
 	if err != nil {
 		return fmt.Errorf("receipts: %w", err)
 	}
-	s.extproc.SetReceipts(s.receipts, extproc.ReceiptOptions{Required: cfg.Receipts.Required, Timeout: cfg.Envoy.MessageTimeout.D()})
+	// Three quarters of Envoy's message_timeout: knhk must answer (with a
+	// receipt, or a refusal) before Envoy gives up on it.
+	s.extproc.SetReceipts(s.receipts, extproc.ReceiptOptions{Required: cfg.Receipts.Required, Timeout: cfg.Envoy.MessageTimeout.D() * 3 / 4})
 	s.registerReceiptMetrics()
 	return nil
 }
@@ -202,6 +204,7 @@ func New(cfg config.Config, log *slog.Logger) (_ *Server, err error) {
 	s.extproc = extproc.NewServer(router, extproc.Clusters{Stable: xds.ClusterStable, Canary: xds.ClusterCanary},
 		extproc.NewMetrics(s.reg), log, s.rollout)
 	s.extproc.SetFlags(fs)
+	s.extproc.SetHeaderLimits(extproc.HeaderLimits(xds.HeaderLimits()))
 	s.tracker = capacity.NewTracker(cfg.Capacity.CapacityConfig())
 	s.limiters = [3]*admission.Limiter{}
 	lc := cfg.Admission.LimiterConfig()
@@ -359,12 +362,6 @@ func (s *Server) GRPCAddr() string  { return s.grpcLis.Addr().String() }
 func (s *Server) XDSAddr() string   { return s.xdsLis.Addr().String() }
 func (s *Server) AdminAddr() string { return s.adminLis.Addr().String() }
 
-// ExtProc returns the ext_proc service (for in-process benchmarks).
-func (s *Server) ExtProc() *extproc.Server { return s.extproc }
-
-// Rollout returns the rollout state machine.
-func (s *Server) Rollout() *promotion.Rollout { return s.rollout }
-
 // Serve runs until ctx is cancelled, then drains: it stops accepting, lets
 // open streams finish for up to drain_timeout, and returns nil.
 func (s *Server) Serve(ctx context.Context) error {
@@ -464,15 +461,11 @@ func (s *Server) closeBy(deadline time.Time) {
 	}
 }
 
-// Reload applies a new config. Routing keys, upstreams, flags and the idle
-// weight take effect at once; listener, data_dir and rollout-analysis
-// changes need a restart and are reported, not silently ignored.
-func (s *Server) Reload(next config.Config) error {
-	return s.ReloadFrom(func() (config.Config, error) { return next, nil })
-}
-
 // ReloadFrom loads a config with load and applies it; a config that fails
 // to load counts as a rejected reload like one that fails to apply.
+// Routing keys, upstreams, flags and the idle weight take effect at once;
+// listener, data_dir and rollout-analysis changes need a restart and are
+// reported, not silently ignored.
 func (s *Server) ReloadFrom(load func() (config.Config, error)) error {
 	next, err := load()
 	if err == nil {
@@ -504,6 +497,11 @@ func (s *Server) reload(next config.Config) error {
 	adm, err := s.admissionSetup(&next)
 	if err != nil {
 		return err
+	}
+	// What the xDS update inside Reconfigure could refuse is refused here,
+	// before anything is installed: a rejected reload changes nothing.
+	if _, err := xds.UpstreamClusters(xds.Upstreams{Stable: next.Upstreams.Stable, Canary: next.Upstreams.Canary}); err != nil {
+		return fmt.Errorf("upstreams: %w", err)
 	}
 	prev := s.config()
 	merged := *prev

@@ -43,7 +43,7 @@ func TestServeReadyReloadDrain(t *testing.T) {
 
 	next := testConfig(t)
 	next.Canary.Weight = 55
-	if err := s.Reload(next); err != nil {
+	if err := s.ReloadFrom(func() (config.Config, error) { return next, nil }); err != nil {
 		t.Fatal(err)
 	}
 	resp, err := http.Get(base + "/v1/canary")
@@ -53,12 +53,12 @@ func TestServeReadyReloadDrain(t *testing.T) {
 	var v canaryView
 	_ = json.NewDecoder(resp.Body).Decode(&v)
 	_ = resp.Body.Close()
-	if v.Weight != 55 || s.ExtProc().Router().Splitter().Weight() != 55 {
-		t.Fatalf("reload not applied: api %v, router %v", v.Weight, s.ExtProc().Router().Splitter().Weight())
+	if v.Weight != 55 || s.extproc.Router().Splitter().Weight() != 55 {
+		t.Fatalf("reload not applied: api %v, router %v", v.Weight, s.extproc.Router().Splitter().Weight())
 	}
 	bad := next
 	bad.Canary.Weight = 500
-	if err := s.Reload(bad); err == nil || s.ExtProc().Router().Splitter().Weight() != 55 {
+	if err := s.ReloadFrom(func() (config.Config, error) { return bad, nil }); err == nil || s.extproc.Router().Splitter().Weight() != 55 {
 		t.Fatal("invalid reload accepted or applied")
 	}
 
@@ -195,7 +195,7 @@ func TestControlPlaneUnderConcurrentActionsReloadsAndReads(t *testing.T) {
 		func(i int) {
 			next := cfg
 			next.Canary.Weight = float64(i % 7)
-			if err := s.Reload(next); err != nil {
+			if err := s.ReloadFrom(func() (config.Config, error) { return next, nil }); err != nil {
 				t.Errorf("reload: %v", err)
 			}
 		},
@@ -218,8 +218,8 @@ func TestControlPlaneUnderConcurrentActionsReloadsAndReads(t *testing.T) {
 		t.Errorf("slowest admin call took %v, want ≤ 2 s", d)
 	}
 	_ = harness.PostOK(base + "/v1/rollout/pause") // a fixed weight to compare
-	w := s.Rollout().Weight()
-	if rw := s.ExtProc().Router().Splitter().Weight(); rw != w {
+	w := s.rollout.Weight()
+	if rw := s.extproc.Router().Splitter().Weight(); rw != w {
 		t.Errorf("hash split at %v, rollout at %v", rw, w)
 	}
 	if page := metricsPage(t, base); !strings.Contains(page, fmt.Sprintf("knhk_rollout_weight %v\n", w)) {
@@ -247,8 +247,8 @@ func TestRollbackWithNoAbsoluteErrorLimitIsSavedAndServed(t *testing.T) {
 	var v RolloutView
 	err = harness.Poll(20*time.Second, 20*time.Millisecond, func() error {
 		for range 50 {
-			s.Rollout().Observe(canary.Canary, true, time.Millisecond)
-			s.Rollout().Observe(canary.Stable, false, time.Millisecond)
+			s.rollout.Observe(canary.Canary, true, time.Millisecond)
+			s.rollout.Observe(canary.Stable, false, time.Millisecond)
 		}
 		if err := harness.GetJSON(base+"/v1/rollout", &v); err != nil {
 			return err

@@ -340,6 +340,11 @@ func (c *Config) validate(file string) error {
 	if err := c.Capacity.validate(fail); err != nil {
 		return err
 	}
+	if c.Receipts.Enabled && c.Receipts.Required && c.Envoy.FailureModeAllow {
+		// Fail-open lets Envoy serve the request without knhk whenever knhk
+		// is slower than message_timeout: exactly a request without a receipt.
+		return fail("receipts.required", "needs envoy.failure_mode_allow: false; with fail-open Envoy serves requests without knhk (and so without a receipt) whenever knhk is down or slower than envoy.message_timeout")
+	}
 	if err := c.Receipts.validate(fail); err != nil {
 		return err
 	}

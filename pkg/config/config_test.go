@@ -71,6 +71,7 @@ func TestErrorsNameFileKeyAndReason(t *testing.T) {
 		{"log:\n  level: loud\n", "log.level: \"loud\" is not one of"},
 		{"- a\n- b\n", "the file must be a mapping"},
 		{"canary: [\n", "config bad.yaml: "},
+		{"receipts:\n  required: true\n", "receipts.required: needs envoy.failure_mode_allow: false"},
 	}
 	expectErrors(t, "bad.yaml", cases)
 }

@@ -505,3 +505,55 @@ func TestConcurrentActionsReadsAndReloadsNeverWedge(t *testing.T) {
 		t.Fatalf("only %d weights applied", applied.Load())
 	}
 }
+
+// TestHungCanaryRollsBackOnAbandonedRequests: when the canary hangs and
+// clients give up before the route timeout, no response ever comes, yet
+// the waits they abandoned show as latency and the canary is rolled back.
+func TestHungCanaryRollsBackOnAbandonedRequests(t *testing.T) {
+	r, c, _ := newRollout(t, &memStore{})
+	_ = r.Start(ctx)
+	for range 2 {
+		c.add(5 * time.Second)
+		for range 200 {
+			r.Abandoned(canary.Canary, 5*time.Second)
+		}
+		traffic(r, 0, 0, 0)
+		checkNow(r, false)
+	}
+	st := r.State()
+	if st.Phase != RolledBack || st.Decisions[len(st.Decisions)-1].Reason != "latency_ratio" {
+		t.Fatalf("hung canary not rolled back for latency: %+v", st.Decisions[len(st.Decisions)-1])
+	}
+}
+
+// TestScheduledChecksRunUnderAStreamOfActions: a client retrying an action
+// in a tight loop (each one refused) once re-armed the check timer before it
+// could fire, so a failing canary was never judged.
+func TestScheduledChecksRunUnderAStreamOfActions(t *testing.T) {
+	cfg := testConfig()
+	cfg.Interval = 50 * time.Millisecond
+	r, err := New(cfg, &memStore{}, 0, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	run(t, r)
+	if err := r.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	stop := time.Now().Add(time.Second)
+	for time.Now().Before(stop) {
+		if err := r.Resume(ctx); !errors.Is(err, ErrConflict) {
+			t.Fatalf("resume while progressing: %v", err)
+		}
+	}
+	checks := 0
+	for _, d := range r.State().Decisions {
+		if d.Reason == "insufficient_traffic" {
+			checks++
+		}
+	}
+	// 20 are due in the second; a starved schedule ran none.
+	if checks < 3 {
+		t.Fatalf("%d scheduled checks ran in 1 s at a 50 ms interval under a stream of actions", checks)
+	}
+}

@@ -105,7 +105,6 @@ type Rollout struct {
 
 	// Owned by the Run goroutine (and by New/On* before Run starts).
 	st        State
-	idle      float64 // weight while Idle (from the config file)
 	nextCheck time.Time
 	listeners []func(weight float64)
 	notify    []func(Decision)
@@ -141,7 +140,7 @@ func New(cfg Config, store Store, idleWeight float64, now func() time.Time) (*Ro
 		now = time.Now
 	}
 	span := max(cfg.Window, cfg.HardWindow)
-	r := &Rollout{cfg: cfg, store: store, window: NewWindow(span), now: now, idle: idleWeight,
+	r := &Rollout{cfg: cfg, store: store, window: NewWindow(span), now: now,
 		ops: make(chan op), stopped: make(chan struct{}), breach: make(chan struct{}, 1),
 		recent: make([]outcome, cfg.HardMinRequests)}
 	st, ok, err := store.Load()
@@ -227,6 +226,14 @@ func (r *Rollout) Observe(v canary.Version, failed bool, latency time.Duration) 
 	}
 }
 
+// Abandoned records a request given up before its response headers, as a
+// latency sample of at least waited: a hung version shows in its p99 even
+// when clients give up before the route timeout. It is not an error and
+// not in the hard-breach ring, since any client can abandon a request.
+func (r *Rollout) Abandoned(v canary.Version, waited time.Duration) {
+	r.window.Observe(r.now(), v, false, waited)
+}
+
 // hardBreached evaluates the ring of the canary's latest outcomes.
 func (r *Rollout) hardBreached(now time.Time) (errs, n int, breached bool) {
 	r.recentMu.Lock()
@@ -271,7 +278,6 @@ func (r *Rollout) do(ctx context.Context, apply func() error) error {
 // installing new routing can never interleave with a weight change.
 func (r *Rollout) Reconfigure(ctx context.Context, idle float64, apply func(weight float64) error) error {
 	return r.do(ctx, func() error {
-		r.idle = idle
 		if apply != nil {
 			if err := apply(r.st.Weight); err != nil {
 				return err
@@ -434,16 +440,22 @@ func (r *Rollout) commit(d *Decision) {
 func (r *Rollout) Run(ctx context.Context) {
 	r.running.Store(true)
 	defer close(r.stopped)
-	t := time.NewTimer(0)
+	t := time.NewTimer(time.Hour)
 	defer t.Stop()
 	for {
-		// Re-read the schedule at least every second, and after every
-		// transition (Start and Resume move it).
-		wait := min(max(r.nextCheck.Sub(r.now()), 10*time.Millisecond), time.Second)
-		t.Reset(wait)
-		tick := t.C
-		if r.manual {
-			tick = nil
+		scheduled := !r.manual && r.st.Phase == Progressing
+		// A due check runs before anything else is taken, so a stream of
+		// transitions (even refused ones) cannot starve the schedule.
+		if scheduled && !r.now().Before(r.nextCheck) {
+			r.check(false)
+			continue
+		}
+		var tick <-chan time.Time
+		if scheduled {
+			// Re-read the schedule at least every second, and after every
+			// transition (Start and Resume move it).
+			t.Reset(min(r.nextCheck.Sub(r.now()), time.Second))
+			tick = t.C
 		}
 		select {
 		case <-ctx.Done():
@@ -453,7 +465,6 @@ func (r *Rollout) Run(ctx context.Context) {
 		case <-r.breach:
 			r.hardBreach()
 		case <-tick:
-			r.check(false)
 		}
 	}
 }

@@ -343,14 +343,36 @@ func (s *Service) Issue(ctx context.Context, r *Receipt) (string, error) {
 	s.pmuIn.Lock()
 	s.pending[r.ID] = struct{}{}
 	s.pmuIn.Unlock()
-	seg, err := s.wal.append(journalRecord(tok.KeyID, tok.Signature, enc))
+	s.sequence.Add(1) // before anything can finish it, and before Close can wait
+	ack, err := s.wal.submit(journalRecord(tok.KeyID, tok.Signature, enc))
 	if err != nil {
+		s.sequence.Done()
 		s.done(r.ID)
 		return "", err
 	}
-	wait := s.rlog.Enqueue(s.bg, enc)
-	s.sequence.Add(1)
-	go s.sequenced(r.ID, tok, seg, wait)
+	finish := func(a walAck) error {
+		if a.err != nil {
+			s.sequence.Done()
+			s.done(r.ID)
+			return a.err
+		}
+		go s.sequenced(r.ID, tok, a.seg, s.rlog.Enqueue(s.bg, enc))
+		return nil
+	}
+	var a walAck
+	select {
+	case a = <-ack:
+	case <-s.wal.done:
+		a = s.wal.await(ack)
+	case <-ctx.Done():
+		// No token is promised; the record, if it lands, is logged all the
+		// same, so the journal's accounting stays whole.
+		go func() { _ = finish(s.wal.await(ack)) }()
+		return "", fmt.Errorf("receipt journal did not sync in time: %w", ctx.Err())
+	}
+	if err := finish(a); err != nil {
+		return "", err
+	}
 	return tok.String(), nil
 }
 
@@ -466,8 +488,12 @@ func (s *Service) IndexFlushErrors() uint64 { return s.index.flushErrors.Load() 
 // index cannot be written (bundles still served from memory), or the
 // journal has failed (no receipt can be issued).
 func (s *Service) Degraded() error {
-	return errors.Join(s.wal.failed(), s.index.degraded())
+	return errors.Join(s.Failed(), s.index.degraded())
 }
+
+// Failed is nil unless no receipt can be logged (the journal failed);
+// unlike an index that is behind, that stops receipts altogether.
+func (s *Service) Failed() error { return s.wal.failed() }
 
 // Published is GET /v1/keys.
 func (s *Service) Published() (PublishedKeys, error) {
@@ -508,7 +534,7 @@ func (s *Service) Run(ctx context.Context) {
 func (s *Service) Close(ctx context.Context) error {
 	var werr error
 	if s.wal != nil {
-		werr = s.wal.close()
+		werr = s.wal.close(ctx)
 		done := make(chan struct{})
 		go func() { s.sequence.Wait(); close(done) }()
 		select {

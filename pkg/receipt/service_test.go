@@ -401,3 +401,33 @@ func TestNotIntegratedSaysWhenToRetry(t *testing.T) {
 		time.Sleep(20 * time.Millisecond) // poll period
 	}
 }
+
+// TestIssueHonoursItsDeadlineWhenTheJournalStalls: a journal sync that
+// does not return in time gives the caller an error by its deadline (so
+// ext_proc can refuse before Envoy gives up), and the record, once it
+// lands, is still logged. Issue once waited on the journal whatever the
+// context said.
+func TestIssueHonoursItsDeadlineWhenTheJournalStalls(t *testing.T) {
+	_, _, s := localTestService(t)
+	s.wal.mu.Lock() // the committer blocks in its next write, as on a stalled disk
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	r := Receipt{Time: 1, Method: "GET", Path: "/stalled", Status: 200}
+	start := time.Now()
+	tok, err := s.Issue(ctx, &r)
+	waited := time.Since(start)
+	s.wal.mu.Unlock()
+	if err == nil || tok != "" {
+		t.Fatalf("a stalled journal gave token %q, err %v", tok, err)
+	}
+	if waited > 5*time.Second {
+		t.Fatalf("Issue waited %v past its 100 ms deadline", waited)
+	}
+	b := bundleWhenIntegrated(t, s, r.ID) // logged all the same
+	if got, err := Decode(b.Receipt); err != nil || got.Path != "/stalled" {
+		t.Fatalf("logged %+v (%v)", got, err)
+	}
+	if err := s.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,6 +1,7 @@
 package receipt
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -142,17 +143,33 @@ func (w *wal) dropRecovered() error {
 // start runs the committer.
 func (w *wal) start() { go w.commitLoop() }
 
-// append journals payload and returns, once it is on disk, the segment
-// holding it (to release when the record is in the log).
-func (w *wal) append(payload []byte) (uint64, error) {
+// submit queues payload for the journal; await gives its acknowledgement:
+// once the record is on disk, the segment holding it (to release when the
+// record is in the log).
+func (w *wal) submit(payload []byte) (<-chan walAck, error) {
 	done := make(chan walAck, 1)
 	select {
 	case w.reqs <- walReq{payload: payload, done: done}:
+		return done, nil
 	case <-w.stop:
-		return 0, errors.New("receipt journal closed")
+		return nil, errors.New("receipt journal closed")
 	}
-	a := <-done
-	return a.seg, a.err
+}
+
+// await waits for the acknowledgement of a submitted record. A record
+// queued just as the committer stopped gets no answer from it.
+func (w *wal) await(ack <-chan walAck) walAck {
+	select {
+	case a := <-ack:
+		return a
+	case <-w.done:
+		select {
+		case a := <-ack:
+			return a
+		default:
+			return walAck{err: errors.New("receipt journal closed")}
+		}
+	}
 }
 
 // commitLoop writes whatever has queued as one batch and syncs it: while
@@ -290,9 +307,15 @@ func (w *wal) maybeDropLocked(s *segment) error {
 
 // close stops the committer; segments still holding records stay on disk
 // for the next start.
-func (w *wal) close() error {
+func (w *wal) close(ctx context.Context) error {
 	w.closeOnce.Do(func() { close(w.stop) })
-	<-w.done
+	select {
+	case <-w.done:
+	case <-ctx.Done():
+		// The committer is stuck (a sync that does not return): leave the
+		// files to the next start rather than hold the shutdown.
+		return fmt.Errorf("receipt journal: closing: %w", ctx.Err())
+	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	var errs []error
