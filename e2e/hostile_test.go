@@ -61,7 +61,7 @@ func reset(addr, user string) error {
 }
 
 // TestOversizedRequestsAreServedWithReceipts: a 9 KiB path, a 59 KiB
-// header block and 95 headers are all served, each with a receipt that
+// header block, a 60 KiB header and 95 headers are all served, each with a receipt that
 // verifies, whether or not receipts are required; so is knhk's 431 for a
 // request Envoy takes but that leaves no room for knhk's headers. A long
 // path once went out unreceipted, and 95 headers once failed with a bare
@@ -83,6 +83,7 @@ func TestOversizedRequestsAreServedWithReceipts(t *testing.T) {
 				{"9 KiB path", longPath, map[string]string{"x-user-id": "u1"}, http.StatusOK},
 				{"59 KiB header block", "/big", bigHeaders(59, "u2"), http.StatusOK},
 				{"95 headers", "/many", manyHeaders(95, "u3"), http.StatusOK},
+				{"a 60 KiB header", "/60k", map[string]string{"x-user-id": "u5", "x-big": strings.Repeat("b", 60*1024)}, http.StatusOK},
 				// Envoy takes it, but knhk's headers would not fit: knhk's own 431.
 				{"116 headers", "/too-many", manyHeaders(116, "u4"), http.StatusRequestHeaderFieldsTooLarge},
 			}
