@@ -1,11 +1,9 @@
 package extproc
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"strings"
 	"sync"
@@ -18,6 +16,7 @@ import (
 
 	"google.golang.org/protobuf/types/known/structpb"
 
+	"github.com/knhk/knhk/internal/harness"
 	"github.com/knhk/knhk/pkg/receipt"
 )
 
@@ -85,8 +84,8 @@ func TestReceiptFailure(t *testing.T) {
 	for _, required := range []bool{false, true} {
 		t.Run(fmt.Sprintf("required=%v", required), func(t *testing.T) {
 			s, _ := newServer(t, 0)
-			var logs bytes.Buffer
-			s.log = slog.New(slog.NewJSONHandler(&syncWriter{w: &logs}, nil))
+			logs := &harness.LogBuffer{}
+			s.log = slog.New(slog.NewJSONHandler(logs, nil))
 			s.SetReceipts(&issued{err: errors.New("journal: disk full")}, ReceiptOptions{Required: required})
 			c := dial(t, s)
 			const n = 50
@@ -134,17 +133,6 @@ func TestReceiptIssueBoundedByMessageTimeout(t *testing.T) {
 	if d := time.Since(start); d > 3*time.Second {
 		t.Fatalf("a stalled receipt held the response %v; the bound is the 50 ms message timeout", d)
 	}
-}
-
-type syncWriter struct {
-	mu sync.Mutex
-	w  io.Writer
-}
-
-func (s *syncWriter) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.w.Write(p)
 }
 
 // The caller's SPIFFE ID (Envoy's downstream peer URI SAN attribute) is

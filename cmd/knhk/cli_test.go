@@ -11,11 +11,11 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/knhk/knhk/internal/harness"
 	"github.com/knhk/knhk/internal/server"
 	"github.com/knhk/knhk/pkg/promotion"
 )
@@ -182,24 +182,6 @@ func TestServeXDSAddrFlag(t *testing.T) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer safe for the server's log goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // poll calls f until it returns nil or the deadline passes.
 func poll(t *testing.T, within time.Duration, f func() error) {
 	t.Helper()
@@ -239,7 +221,7 @@ func TestSIGHUPWithAFileThatDoesNotLoadIsCounted(t *testing.T) {
 	if err := os.WriteFile(cfgPath, []byte(good), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	stderr := &syncBuffer{}
+	stderr := &harness.LogBuffer{}
 	done := make(chan int, 1)
 	go func() { done <- run([]string{"serve", "--config", cfgPath}, io.Discard, stderr) }()
 	poll(t, 30*time.Second, func() error {

@@ -5,18 +5,16 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"log/slog"
 	"math"
 	"net/http"
 	"net/http/httptest"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/knhk/knhk/pkg/kms"
+	"github.com/knhk/knhk/internal/receipttest"
 	"github.com/knhk/knhk/pkg/receipt"
 )
 
@@ -26,18 +24,7 @@ import (
 // counts those 404s.
 func receiptAdmin(t *testing.T, interval time.Duration) (*receipt.Service, string, *atomic.Int32) {
 	t.Helper()
-	dir := t.TempDir()
-	signer, err := kms.OpenLocal(filepath.Join(dir, "kms.key"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	rs, err := receipt.OpenService(context.Background(), filepath.Join(dir, "receipts"), receipt.ServiceConfig{Origin: "test/log",
-		Region: "r", Instance: "i", Delegation: time.Hour, CheckpointInterval: interval, BatchMaxAge: time.Millisecond},
-		signer, slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = rs.Close(context.Background()) })
+	rs, _ := receipttest.Open(t, interval)
 	var notYet atomic.Int32
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/keys", func(w http.ResponseWriter, _ *http.Request) {

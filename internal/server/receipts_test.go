@@ -16,7 +16,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/knhk/knhk/pkg/kms"
+	"github.com/knhk/knhk/internal/receipttest"
 	"github.com/knhk/knhk/pkg/receipt"
 )
 
@@ -24,18 +24,7 @@ import (
 // directory.
 func receiptServer(t *testing.T, interval time.Duration) (*Server, string) {
 	t.Helper()
-	dir := t.TempDir()
-	signer, err := kms.OpenLocal(filepath.Join(dir, "kms.key"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	rs, err := receipt.OpenService(context.Background(), filepath.Join(dir, "receipts"), receipt.ServiceConfig{Origin: "test/log",
-		Region: "r", Instance: "i", Delegation: time.Hour, CheckpointInterval: interval, BatchMaxAge: time.Millisecond},
-		signer, slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = rs.Close(context.Background()) })
+	rs, dir := receipttest.Open(t, interval)
 	return &Server{log: slog.New(slog.DiscardHandler), reg: prometheus.NewRegistry(), receipts: rs}, dir
 }
 
