@@ -192,8 +192,7 @@ func (s *Service) recoverJournal(ctx context.Context, dir string) error {
 		}
 	}
 	s.wal = w
-	w.start()
-	return nil
+	return w.start()
 }
 
 // journalRecord is key id ‖ signature ‖ encoded receipt.

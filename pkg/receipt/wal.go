@@ -140,8 +140,18 @@ func (w *wal) dropRecovered() error {
 	return fsutil.SyncDir(w.dir)
 }
 
-// start runs the committer.
-func (w *wal) start() { go w.commitLoop() }
+// start opens the first segment and runs the committer: creating a file
+// and syncing its directory is then not on the first request's path.
+func (w *wal) start() error {
+	w.mu.Lock()
+	err := w.rotateLocked()
+	w.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("receipt journal: %w", err)
+	}
+	go w.commitLoop()
+	return nil
+}
 
 // submit queues payload for the journal; await gives its acknowledgement:
 // once the record is on disk, the segment holding it (to release when the
@@ -224,7 +234,10 @@ func (w *wal) write(buf []byte, n int) (uint64, error) {
 		w.mu.Unlock()
 		return 0, w.err
 	}
-	if w.cur == nil || w.cur.records >= w.maxRecs || time.Since(w.cur.opened) > w.maxAge {
+	// An old segment is replaced only once it holds records (so it can be
+	// dropped when they are in the log); an empty one is kept, and an idle
+	// journal creates no file on a request's path.
+	if w.cur == nil || w.cur.records >= w.maxRecs || (w.cur.records > 0 && time.Since(w.cur.opened) > w.maxAge) {
 		if err := w.rotateLocked(); err != nil {
 			w.err = fmt.Errorf("receipt journal: %w", err)
 			w.mu.Unlock()
