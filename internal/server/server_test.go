@@ -271,3 +271,25 @@ func TestRollbackWithNoAbsoluteErrorLimitIsSavedAndServed(t *testing.T) {
 		}
 	}
 }
+
+// TestPprofOnlyWhenAskedFor: profiles are served on the admin listener
+// with debug.pprof, and not without it.
+func TestPprofOnlyWhenAskedFor(t *testing.T) {
+	for _, on := range []bool{false, true} {
+		cfg := testConfig(t)
+		cfg.Debug.Pprof = on
+		s, err := New(cfg, slog.New(slog.DiscardHandler))
+		if err != nil {
+			t.Fatal(err)
+		}
+		base := serve(t, s)
+		resp, err := http.Get(base + "/debug/pprof/heap?debug=1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = resp.Body.Close()
+		if want := map[bool]int{false: http.StatusNotFound, true: http.StatusOK}[on]; resp.StatusCode != want {
+			t.Errorf("debug.pprof %v: /debug/pprof/heap answered %d, want %d", on, resp.StatusCode, want)
+		}
+	}
+}

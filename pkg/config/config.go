@@ -35,6 +35,14 @@ type Config struct {
 	Capacity    Capacity        `yaml:"capacity"`
 	Receipts    Receipts        `yaml:"receipts"`
 	Identity    Identity        `yaml:"identity"`
+	Debug       Debug           `yaml:"debug"`
+}
+
+// Debug holds switches for diagnosing knhk itself; all off by default.
+type Debug struct {
+	// Pprof serves net/http/pprof under /debug/pprof/ on the admin
+	// listener (behind its mTLS when identity is on).
+	Pprof bool `yaml:"pprof"`
 }
 
 // Rollout configures promotion and rollback.

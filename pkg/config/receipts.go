@@ -39,7 +39,7 @@ type KMSConfig struct {
 
 func defaultReceipts() Receipts {
 	return Receipts{Enabled: true, KMS: KMSConfig{Provider: "local", RefreshInterval: Duration(time.Minute)}, Origin: "knhk.local/receipts", Region: "local",
-		CheckpointInterval: Duration(5 * time.Second), Delegation: Duration(24 * time.Hour), BatchMaxAge: Duration(50 * time.Millisecond)}
+		CheckpointInterval: Duration(5 * time.Second), Delegation: Duration(24 * time.Hour), BatchMaxAge: Duration(250 * time.Millisecond)}
 }
 
 func (r *Receipts) validate(fail failFunc) error {

@@ -137,14 +137,14 @@ type Log struct {
 }
 
 const (
-	defaultBatchMaxAge        = 50 * time.Millisecond
+	defaultBatchMaxAge        = 250 * time.Millisecond
 	defaultCheckpointInterval = 5 * time.Second
 )
 
 // LogOptions tune batching (the group commit) and checkpointing.
 type LogOptions struct {
 	BatchMaxSize       uint          // default 8192
-	BatchMaxAge        time.Duration // default 50 ms: the most an entry waits for its batch
+	BatchMaxAge        time.Duration // default 250 ms: the most an entry waits for its batch
 	CheckpointInterval time.Duration // default 5 s: KMS signs per interval, not per request
 }
 

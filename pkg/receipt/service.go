@@ -50,6 +50,7 @@ type Service struct {
 	bg       context.Context
 	stopBG   context.CancelFunc
 	sequence sync.WaitGroup
+	seqq     chan sequencedItem // journaled receipts waiting for the log, in order
 
 	rotate  sync.Mutex // one KMS key change at a time
 	signer  atomic.Pointer[signerBox]
@@ -132,6 +133,9 @@ func OpenService(ctx context.Context, dir string, cfg ServiceConfig, signer kms.
 	s.bg, s.stopBG = context.WithCancel(context.WithoutCancel(ctx))
 	s.inflight = make(chan struct{}, maxInflight)
 	s.pending = map[[16]byte]struct{}{}
+	// Never full: at most maxInflight receipts are between Issue and here.
+	s.seqq = make(chan sequencedItem, maxInflight)
+	go s.sequencer()
 	if err := s.reindex(ctx); err != nil {
 		_ = s.Close(ctx)
 		return nil, err
@@ -355,7 +359,7 @@ func (s *Service) Issue(ctx context.Context, r *Receipt) (string, error) {
 			s.done(r.ID)
 			return a.err
 		}
-		go s.sequenced(r.ID, tok, a.seg, s.rlog.Enqueue(s.bg, enc))
+		s.seqq <- sequencedItem{r.ID, tok, a.seg, s.rlog.Enqueue(s.bg, enc)}
 		return nil
 	}
 	var a walAck
@@ -375,20 +379,42 @@ func (s *Service) Issue(ctx context.Context, r *Receipt) (string, error) {
 	return tok.String(), nil
 }
 
-// sequenced indexes a journaled receipt once the log has it and lets its
-// journal segment go. If the log fails, the record stays in the journal
-// and is appended at the next start.
-func (s *Service) sequenced(id [16]byte, tok Token, seg uint64, wait func() (uint64, error)) {
+// sequencedItem is a journaled receipt and its future in the log.
+type sequencedItem struct {
+	id   [16]byte
+	tok  Token
+	seg  uint64
+	wait func() (uint64, error)
+}
+
+// sequencer indexes journaled receipts once the log has them and lets
+// their journal segments go. One goroutine for all, in order: the log
+// integrates in order, so waiting on each future in turn costs nothing,
+// where a goroutine per receipt cost a stack and a wake-up each. If the
+// log fails, a record stays in the journal and is appended at the next
+// start.
+func (s *Service) sequencer() {
+	for {
+		select {
+		case it := <-s.seqq:
+			s.sequenced(it)
+		case <-s.bg.Done():
+			return
+		}
+	}
+}
+
+func (s *Service) sequenced(it sequencedItem) {
 	defer s.sequence.Done()
-	defer s.done(id)
-	idx, err := wait()
+	defer s.done(it.id)
+	idx, err := it.wait()
 	if err != nil {
-		s.log.Error("receipt journaled but not yet in the log; it is appended at the next start", "receipt", fmt.Sprintf("%x", id), "error", err.Error())
+		s.log.Error("receipt journaled but not yet in the log; it is appended at the next start", "receipt", fmt.Sprintf("%x", it.id), "error", err.Error())
 		return
 	}
 	s.lastIntegrated.Store(time.Now().UnixNano())
-	s.index.put(id, indexRecord{index: idx, keyID: tok.KeyID, signature: tok.Signature, signed: true})
-	s.wal.release(seg)
+	s.index.put(it.id, indexRecord{index: idx, keyID: it.tok.KeyID, signature: it.tok.Signature, signed: true})
+	s.wal.release(it.seg)
 }
 
 func (s *Service) done(id [16]byte) {

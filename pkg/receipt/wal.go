@@ -12,6 +12,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/knhk/knhk/internal/fsutil"
 )
 
@@ -251,7 +253,8 @@ func (w *wal) write(buf []byte, n int) (uint64, error) {
 	// Only this goroutine writes, so the file needs no lock.
 	_, err := seg.f.Write(buf)
 	if err == nil {
-		err = seg.f.Sync()
+		// fdatasync: the data and the file's new size, not its times.
+		err = unix.Fdatasync(int(seg.f.Fd()))
 	}
 	if err != nil {
 		w.mu.Lock()
