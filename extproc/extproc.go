@@ -64,11 +64,9 @@ func (c Clusters) version(name string) canary.Version {
 
 // Observer receives every finished request: the version that served it,
 // whether it failed (an upstream 5xx or Envoy's reply for it) and its
-// latency from request headers to response headers; and every request
-// abandoned before its response headers, with how long it had waited.
+// latency from request headers to response headers.
 type Observer interface {
 	Observe(v canary.Version, failed bool, latency time.Duration)
-	Abandoned(v canary.Version, waited time.Duration)
 }
 
 // Server implements envoy.service.ext_proc.v3.ExternalProcessor.
@@ -259,13 +257,6 @@ func (s *Server) handle(st *stream, req *extprocv3.ProcessingRequest) (*extprocv
 func (s *Server) streamEnded(st *stream) {
 	st.release(s)
 	if st.sawRequest && !st.sawResponse {
-		// What it does say is that the version took at least this long: a
-		// hung canary whose clients give up before the route timeout still
-		// shows in its latency (a lower bound), though never as an error
-		// and never in the hard-breach count.
-		if s.observer != nil && st.version != canary.None {
-			s.observer.Abandoned(st.version, s.now().Sub(st.start))
-		}
 		s.metrics.resets.Inc()
 	}
 }
@@ -327,7 +318,16 @@ func (s *Server) requestHeaders(st *stream, h *extprocv3.HttpHeaders, req *extpr
 		// Flags and the class are advisory: drop them before refusing.
 		// The routing header is what the route table needs.
 		mut.SetHeaders = slices.DeleteFunc(mut.SetHeaders, func(h *corev3.HeaderValueOption) bool {
-			return h.GetHeader().GetKey() != HeaderVersion
+			k := h.GetHeader().GetKey()
+			if k == HeaderVersion {
+				return false
+			}
+			// A client's copy was left to be overwritten: it must go now.
+			if _, sent := hs.Get(k); sent && !contains(mut.RemoveHeaders, k) {
+				mut.RemoveHeaders = append(mut.RemoveHeaders, k)
+				s.metrics.stripped.Inc()
+			}
+			return true
 		})
 		if s.overflows(hs, mut, false) {
 			return s.tooLarge(st, typev3.StatusCode_RequestHeaderFieldsTooLarge,

@@ -265,9 +265,8 @@ func BenchmarkRequestHeaders(b *testing.B) {
 }
 
 type recorder struct {
-	mu        sync.Mutex
-	got       []obs
-	abandoned []canary.Version
+	mu  sync.Mutex
+	got []obs
 }
 
 func (r *recorder) snapshot() []obs {
@@ -279,12 +278,6 @@ func (r *recorder) snapshot() []obs {
 type obs struct {
 	v      canary.Version
 	failed bool
-}
-
-func (r *recorder) Abandoned(v canary.Version, _ time.Duration) {
-	r.mu.Lock()
-	r.abandoned = append(r.abandoned, v)
-	r.mu.Unlock()
 }
 
 func (r *recorder) Observe(v canary.Version, failed bool, _ time.Duration) {
@@ -349,11 +342,7 @@ func TestObservations(t *testing.T) {
 	if n := testutil.ToFloat64(s.metrics.resets); n != 1 {
 		t.Errorf("unanswered requests %v, want 1", n)
 	}
-	rec.mu.Lock()
-	if len(rec.abandoned) != 1 || rec.abandoned[0] != canary.Canary {
-		t.Errorf("abandoned %v, want the canary's one, as latency only", rec.abandoned)
-	}
-	rec.mu.Unlock()
+
 	if n := testutil.ToFloat64(s.metrics.localReplies); n != 1 {
 		t.Errorf("local replies %v, want 1", n)
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -17,6 +18,7 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/knhk/knhk/internal/harness"
+	"github.com/knhk/knhk/pkg/admission"
 	"github.com/knhk/knhk/pkg/receipt"
 )
 
@@ -242,5 +244,44 @@ func TestHeadersThatWouldOverflowEnvoysLimits(t *testing.T) {
 	_, resp = send(base, pad(50, ":status", "200"))
 	if resp.GetImmediateResponse() != nil || receiptHeader(resp.GetResponseHeaders().GetResponse().GetHeaderMutation()) == "" {
 		t.Fatalf("an ordinary response: %v, want it served with a receipt", resp)
+	}
+}
+
+// TestOverflowFallbackStillStripsClientHeaders: when knhk drops its own
+// class header to fit Envoy's limits, the client's copy it meant to
+// overwrite is removed instead of reaching the upstream.
+func TestOverflowFallbackStillStripsClientHeaders(t *testing.T) {
+	s, _ := newServer(t, 50)
+	s.SetHeaderLimits(HeaderLimits{Count: 120})
+	cl, err := admission.NewClassifier(nil, admission.W1, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.SetAdmission(&Admission{Classifier: cl})
+	c := dial(t, s)
+	kv := []string{":method", "GET", ":path", "/", ":authority", "a", ":scheme", "http", "x-user-id", "u1", "x-knhk-slo-class", "R1"}
+	for i := 0; len(kv) < 240; i++ {
+		kv = append(kv, fmt.Sprintf("x-pad-%03d", i), "v")
+	}
+	stream, err := c.Process(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = stream.CloseSend() }()
+	if err := stream.Send(reqHeaders(kv...)); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mut := resp.GetRequestHeaders().GetResponse().GetHeaderMutation()
+	if resp.GetImmediateResponse() != nil || !slices.Contains(mut.GetRemoveHeaders(), HeaderClass) {
+		t.Fatalf("answer %v: the client's x-knhk-slo-class must be removed", resp)
+	}
+	for _, h := range mut.GetSetHeaders() {
+		if h.GetHeader().GetKey() == HeaderClass {
+			t.Fatalf("class header still set: %v", mut)
+		}
 	}
 }

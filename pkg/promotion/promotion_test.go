@@ -506,26 +506,6 @@ func TestConcurrentActionsReadsAndReloadsNeverWedge(t *testing.T) {
 	}
 }
 
-// TestHungCanaryRollsBackOnAbandonedRequests: when the canary hangs and
-// clients give up before the route timeout, no response ever comes, yet
-// the waits they abandoned show as latency and the canary is rolled back.
-func TestHungCanaryRollsBackOnAbandonedRequests(t *testing.T) {
-	r, c, _ := newRollout(t, &memStore{})
-	_ = r.Start(ctx)
-	for range 2 {
-		c.add(5 * time.Second)
-		for range 200 {
-			r.Abandoned(canary.Canary, 5*time.Second)
-		}
-		traffic(r, 0, 0, 0)
-		checkNow(r, false)
-	}
-	st := r.State()
-	if st.Phase != RolledBack || st.Decisions[len(st.Decisions)-1].Reason != "latency_ratio" {
-		t.Fatalf("hung canary not rolled back for latency: %+v", st.Decisions[len(st.Decisions)-1])
-	}
-}
-
 // TestScheduledChecksRunUnderAStreamOfActions: a client retrying an action
 // in a tight loop (each one refused) once re-armed the check timer before it
 // could fire, so a failing canary was never judged.

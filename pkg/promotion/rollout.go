@@ -226,14 +226,6 @@ func (r *Rollout) Observe(v canary.Version, failed bool, latency time.Duration) 
 	}
 }
 
-// Abandoned records a request given up before its response headers, as a
-// latency sample of at least waited: a hung version shows in its p99 even
-// when clients give up before the route timeout. It is not an error and
-// not in the hard-breach ring, since any client can abandon a request.
-func (r *Rollout) Abandoned(v canary.Version, waited time.Duration) {
-	r.window.Observe(r.now(), v, false, waited)
-}
-
 // hardBreached evaluates the ring of the canary's latest outcomes.
 func (r *Rollout) hardBreached(now time.Time) (errs, n int, breached bool) {
 	r.recentMu.Lock()

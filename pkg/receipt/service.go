@@ -50,6 +50,8 @@ type Service struct {
 	bg       context.Context
 	stopBG   context.CancelFunc
 	sequence sync.WaitGroup
+	closeMu  sync.Mutex // guards closing; taken around sequence.Add only
+	closing  bool
 	seqq     chan sequencedItem // journaled receipts waiting for the log, in order
 
 	rotate  sync.Mutex // one KMS key change at a time
@@ -195,8 +197,13 @@ func (s *Service) recoverJournal(ctx context.Context, dir string) error {
 			return err
 		}
 	}
+	// Only a started journal is the service's: Close waits for its
+	// committer, which never runs if the first segment cannot be made.
+	if err := w.start(); err != nil {
+		return err
+	}
 	s.wal = w
-	return w.start()
+	return nil
 }
 
 // journalRecord is key id ‖ signature ‖ encoded receipt.
@@ -346,8 +353,17 @@ func (s *Service) Issue(ctx context.Context, r *Receipt) (string, error) {
 	s.pmuIn.Lock()
 	s.pending[r.ID] = struct{}{}
 	s.pmuIn.Unlock()
-	s.sequence.Add(1) // before anything can finish it, and before Close can wait
-	ack, err := s.wal.submit(journalRecord(tok.KeyID, tok.Signature, enc))
+	// Counted before anything can finish it; never once Close is waiting,
+	// since a WaitGroup must not grow from zero while it is waited on.
+	s.closeMu.Lock()
+	if s.closing {
+		s.closeMu.Unlock()
+		s.done(r.ID)
+		return "", errors.New("receipts are closing")
+	}
+	s.sequence.Add(1)
+	s.closeMu.Unlock()
+	ack, err := s.wal.submit(ctx, journalRecord(tok.KeyID, tok.Signature, enc))
 	if err != nil {
 		s.sequence.Done()
 		s.done(r.ID)
@@ -557,6 +573,9 @@ func (s *Service) Run(ctx context.Context) {
 // by ctx; the rest stay journaled for the next start), and flushes the log
 // and the index.
 func (s *Service) Close(ctx context.Context) error {
+	s.closeMu.Lock()
+	s.closing = true
+	s.closeMu.Unlock()
 	var werr error
 	if s.wal != nil {
 		werr = s.wal.close(ctx)
@@ -572,6 +591,12 @@ func (s *Service) Close(ctx context.Context) error {
 	}
 	// The index first: its flush is quick and worth the time, while the
 	// log's close waits for a checkpoint that the next start can publish.
-	ierr := s.index.close(ctx)
+	// It gets a moment of its own even when a stuck journal used up ctx.
+	ictx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 500*time.Millisecond)
+	defer cancel()
+	if d, ok := ctx.Deadline(); ok && time.Until(d) > 500*time.Millisecond {
+		ictx = ctx
+	}
+	ierr := s.index.close(ictx)
 	return errors.Join(werr, ierr, s.rlog.Close(ctx))
 }

@@ -12,8 +12,6 @@ import (
 	"sync"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/knhk/knhk/internal/fsutil"
 )
 
@@ -158,13 +156,15 @@ func (w *wal) start() error {
 // submit queues payload for the journal; await gives its acknowledgement:
 // once the record is on disk, the segment holding it (to release when the
 // record is in the log).
-func (w *wal) submit(payload []byte) (<-chan walAck, error) {
+func (w *wal) submit(ctx context.Context, payload []byte) (<-chan walAck, error) {
 	done := make(chan walAck, 1)
 	select {
 	case w.reqs <- walReq{payload: payload, done: done}:
 		return done, nil
 	case <-w.stop:
 		return nil, errors.New("receipt journal closed")
+	case <-ctx.Done(): // the queue is full behind a stalled sync
+		return nil, fmt.Errorf("receipt journal is behind: %w", ctx.Err())
 	}
 }
 
@@ -253,8 +253,7 @@ func (w *wal) write(buf []byte, n int) (uint64, error) {
 	// Only this goroutine writes, so the file needs no lock.
 	_, err := seg.f.Write(buf)
 	if err == nil {
-		// fdatasync: the data and the file's new size, not its times.
-		err = unix.Fdatasync(int(seg.f.Fd()))
+		err = fsutil.DataSync(seg.f)
 	}
 	if err != nil {
 		w.mu.Lock()
