@@ -104,8 +104,11 @@ type HeaderLimits struct {
 // SetHeaderLimits sets the limits knhk's mutations must fit.
 func (s *Server) SetHeaderLimits(l HeaderLimits) { s.limits.Store(&l) }
 
-// overflows reports whether hs with mut applied would exceed the limits.
-func (s *Server) overflows(hs headerView, mut *extprocv3.HeaderMutation, response bool) bool {
+// overflows reports whether hs with mut applied, plus a header reserve
+// whose value is reserveLen bytes (0: none), would exceed the limits. The
+// reserve lets the response path keep room for the receipt without
+// building it first.
+func (s *Server) overflows(hs headerView, mut *extprocv3.HeaderMutation, response bool, reserve string, reserveLen int) bool {
 	l := s.limits.Load()
 	if l == nil {
 		return false
@@ -122,14 +125,19 @@ func (s *Server) overflows(hs headerView, mut *extprocv3.HeaderMutation, respons
 			size -= len(h.GetKey()) + len(h.GetValue()) + len(h.GetRawValue())
 		}
 	}
-	for _, h := range mut.SetHeaders {
-		k := h.GetHeader().GetKey()
+	set := func(k string, valueLen int) {
 		if old, ok := hs.Get(k); ok {
 			size -= len(k) + len(old)
 		} else {
 			n++
 		}
-		size += len(k) + len(h.GetHeader().GetRawValue())
+		size += len(k) + valueLen
+	}
+	for _, h := range mut.SetHeaders {
+		set(h.GetHeader().GetKey(), len(h.GetHeader().GetRawValue()))
+	}
+	if reserve != "" {
+		set(reserve, reserveLen)
 	}
 	return (l.Count > 0 && n > l.Count) || (maxBytes > 0 && size > maxBytes)
 }
@@ -314,7 +322,7 @@ func (s *Server) requestHeaders(st *stream, h *extprocv3.HttpHeaders, req *extpr
 			s.metrics.stripped.Inc()
 		}
 	}
-	if s.overflows(hs, mut, false) {
+	if s.overflows(hs, mut, false, "", 0) {
 		// Flags and the class are advisory: drop them before refusing.
 		// The routing header is what the route table needs.
 		mut.SetHeaders = slices.DeleteFunc(mut.SetHeaders, func(h *corev3.HeaderValueOption) bool {
@@ -329,7 +337,7 @@ func (s *Server) requestHeaders(st *stream, h *extprocv3.HttpHeaders, req *extpr
 			}
 			return true
 		})
-		if s.overflows(hs, mut, false) {
+		if s.overflows(hs, mut, false, "", 0) {
 			return s.tooLarge(st, typev3.StatusCode_RequestHeaderFieldsTooLarge,
 				"request headers leave no room for knhk's routing header within Envoy's limits")
 		}
@@ -370,17 +378,15 @@ func (s *Server) responseHeaders(st *stream, req *extprocv3.ProcessingRequest) *
 	}
 	rh := headerView(req.GetResponseHeaders().GetHeaders().GetHeaders())
 	if s.receipts.Load() != nil && st.sawRequest {
-		room := &extprocv3.HeaderMutation{SetHeaders: append(slices.Clip(mut.SetHeaders), setHeader(HeaderReceipt, make([]byte, receiptTokenMax)))}
-		if s.overflows(rh, room, true) {
+		if s.overflows(rh, mut, true, HeaderReceipt, receiptTokenMax) {
 			// x-knhk-version is informational: the receipt must fit.
 			mut.SetHeaders = nil
-			room.SetHeaders = room.SetHeaders[len(room.SetHeaders)-1:]
-			if s.overflows(rh, room, true) {
+			if s.overflows(rh, mut, true, HeaderReceipt, receiptTokenMax) {
 				return s.tooLarge(st, typev3.StatusCode_BadGateway,
 					"the upstream's response headers leave no room for x-knhk-receipt within Envoy's limits")
 			}
 		}
-	} else if s.overflows(rh, mut, true) {
+	} else if s.overflows(rh, mut, true, "", 0) {
 		mut.SetHeaders = nil
 	}
 	h, refuse := s.issue(st, statusCode(rh), "admitted", rh)
