@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -55,7 +56,14 @@ func logs(t *testing.T) *harness.LogBuffer {
 	b := &harness.LogBuffer{}
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("---- Envoy and knhk output ----\n%s", b.String())
+			// The whole output goes to a file; the test log gets its
+			// summarised tail, short enough that a CI log's tail still
+			// shows the assertion that failed just above it.
+			path := filepath.Join(os.TempDir(), "knhk-e2e-"+strings.ReplaceAll(t.Name(), "/", "_")+".log")
+			if err := os.WriteFile(path, []byte(b.String()), 0o600); err != nil {
+				path = "not saved: " + err.Error()
+			}
+			t.Logf("---- the end of Envoy's and knhk's output (all of it: %s) ----\n%s", path, b.Summary(15))
 		}
 	})
 	return b

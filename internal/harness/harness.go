@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 )
@@ -172,4 +173,40 @@ func BuildBinaries(ctx context.Context, dir string) error {
 		return fmt.Errorf("go build: %w\n%s", err, out)
 	}
 	return nil
+}
+
+// Summary is the output for a failure report: runs of lines that differ
+// only in their numbers (timestamps, ids, ports) collapse to the first
+// line and a count, and only the last maxLines remain. A CI log keeps only
+// its tail, and one overload test's thousands of identical Envoy warnings
+// pushed the failing assertion out of it.
+func (l *LogBuffer) Summary(maxLines int) string {
+	lines := strings.Split(strings.TrimRight(l.String(), "\n"), "\n")
+	var out []string
+	shape, run := "", 0
+	flush := func() {
+		if run > 1 {
+			out = append(out, fmt.Sprintf("        … and %d more lines like it", run-1))
+		}
+	}
+	for _, line := range lines {
+		s := strings.Map(func(r rune) rune {
+			if r >= '0' && r <= '9' {
+				return -1
+			}
+			return r
+		}, line)
+		if s == shape {
+			run++
+			continue
+		}
+		flush()
+		shape, run = s, 1
+		out = append(out, line)
+	}
+	flush()
+	if len(out) > maxLines {
+		out = append([]string{fmt.Sprintf("… %d earlier lines left out", len(out)-maxLines)}, out[len(out)-maxLines:]...)
+	}
+	return strings.Join(out, "\n")
 }
