@@ -176,6 +176,8 @@ func TestReceiptsErrors(t *testing.T) {
 		{"receipts:\n  kms: {refresh_interval: 10ms}\n", "receipts.kms.refresh_interval: 10ms: at least 1s"},
 		{"receipts:\n  delegation: 48h\n", "receipts.delegation: 48h0m0s: above 0 and at most 24h0m0s"},
 		{"receipts:\n  batch_max_age: 2s\n", "receipts.batch_max_age"},
+		{"receipts:\n  commit_wait: 50ms\n", "receipts.commit_wait"},
+		{"receipts:\n  commit_wait: -1ms\n", "receipts.commit_wait"},
 	}
 	expectErrors(t, "rc.yaml", cases)
 }

@@ -22,6 +22,10 @@ type Receipts struct {
 	// BatchMaxAge: the most a receipt, once journaled (its token already
 	// sent), waits for its Merkle-log batch.
 	BatchMaxAge Duration `yaml:"batch_max_age"`
+	// CommitWait: the most a receipt waits for others to share its journal
+	// sync and its batch signature, the two costs that are per group, not
+	// per receipt. 0: none (each sync takes what has queued meanwhile).
+	CommitWait Duration `yaml:"commit_wait"`
 }
 
 // KMSConfig selects the key that signs checkpoints and certifies the
@@ -39,8 +43,13 @@ type KMSConfig struct {
 
 func defaultReceipts() Receipts {
 	return Receipts{Enabled: true, KMS: KMSConfig{Provider: "local", RefreshInterval: Duration(time.Minute)}, Origin: "knhk.local/receipts", Region: "local",
-		CheckpointInterval: Duration(5 * time.Second), Delegation: Duration(24 * time.Hour), BatchMaxAge: Duration(250 * time.Millisecond)}
+		CheckpointInterval: Duration(5 * time.Second), Delegation: Duration(24 * time.Hour), BatchMaxAge: Duration(250 * time.Millisecond),
+		CommitWait: Duration(defaultCommitWait)}
 }
+
+// defaultCommitWait trades up to 2 ms per response for groups about 4×
+// larger at 1,500 req/s (docs/BENCHMARKS.md).
+const defaultCommitWait = 2 * time.Millisecond
 
 func (r *Receipts) validate(fail failFunc) error {
 	switch r.KMS.Provider {
@@ -73,6 +82,9 @@ func (r *Receipts) validate(fail failFunc) error {
 	if d := r.BatchMaxAge.D(); d <= 0 || d > time.Second {
 		return fail("receipts.batch_max_age", "%s: above 0 and at most 1s (receipts wait this long to enter the log)", d)
 	}
+	if d := r.CommitWait.D(); d < 0 || d > 20*time.Millisecond {
+		return fail("receipts.commit_wait", "%s: from 0 to 20ms (every response may wait this long for its receipt)", d)
+	}
 	return nil
 }
 
@@ -82,5 +94,5 @@ func (r *Receipts) ServiceConfig(instance string) receipt.ServiceConfig {
 		instance = r.Instance
 	}
 	return receipt.ServiceConfig{Origin: r.Origin, Region: r.Region, Instance: instance, Delegation: r.Delegation.D(),
-		CheckpointInterval: r.CheckpointInterval.D(), BatchMaxAge: r.BatchMaxAge.D(), KMSRefresh: r.KMS.RefreshInterval.D()}
+		CheckpointInterval: r.CheckpointInterval.D(), BatchMaxAge: r.BatchMaxAge.D(), CommitWait: r.CommitWait.D(), KMSRefresh: r.KMS.RefreshInterval.D()}
 }

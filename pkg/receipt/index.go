@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -30,22 +31,30 @@ type index struct {
 
 	mu      sync.Mutex
 	pending map[[16]byte]indexRecord
+	batches map[uint64]*batchSeal // not yet flushed
 	kick    chan struct{}
 	stop    chan struct{}
 	done    chan struct{}
 }
 
+// indexRecord is where a receipt is in the log and, unless a rescan
+// indexed it, what its token was signed with: its own signature (kr1), or
+// its batch's (kr2, the batch kept once under its id).
 type indexRecord struct {
 	index     uint64
 	keyID     [8]byte
-	signature [64]byte // zero: not known (indexed by a rescan)
+	signature [64]byte // kr1 only
 	signed    bool
+	batched   bool
+	batchID   uint64
+	leafIndex int
 }
 
 var (
-	bucketIDs  = []byte("ids")
-	bucketMeta = []byte("meta")
-	keyMax     = []byte("max_index")
+	bucketIDs     = []byte("ids")
+	bucketMeta    = []byte("meta")
+	bucketBatches = []byte("batches")
+	keyMax        = []byte("max_index")
 )
 
 // reindexWindow is how far before the highest indexed entry a restart
@@ -69,7 +78,7 @@ func openIndex(path string, log *slog.Logger) (*index, error) {
 		return nil, fmt.Errorf("receipt index %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketIDs, bucketMeta} {
+		for _, b := range [][]byte{bucketIDs, bucketMeta, bucketBatches} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -80,7 +89,7 @@ func openIndex(path string, log *slog.Logger) (*index, error) {
 		_ = db.Close()
 		return nil, fmt.Errorf("receipt index %s: %w", path, err)
 	}
-	x := &index{db: db, log: log, pending: map[[16]byte]indexRecord{}, kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
+	x := &index{db: db, log: log, pending: map[[16]byte]indexRecord{}, batches: map[uint64]*batchSeal{}, kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
 	go x.flushLoop()
 	return x, nil
 }
@@ -126,13 +135,63 @@ func (x *index) get(id [16]byte) (indexRecord, bool, error) {
 	return r, ok, err
 }
 
-func encodeIndexRecord(r indexRecord) []byte {
-	if !r.signed {
-		return binary.BigEndian.AppendUint64(nil, r.index)
+// putBatch records a sealed batch, before any of its receipts.
+func (x *index) putBatch(b *batchSeal) {
+	x.mu.Lock()
+	x.batches[b.ID] = b
+	x.mu.Unlock()
+	x.wake()
+}
+
+// getBatch returns a batch recorded by putBatch.
+func (x *index) getBatch(id uint64) (*batchSeal, bool, error) {
+	x.mu.Lock()
+	b, ok := x.batches[id]
+	x.mu.Unlock()
+	if ok {
+		return b, true, nil
 	}
+	err := x.db.View(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bucketBatches).Get(binary.BigEndian.AppendUint64(nil, id))
+		if v == nil {
+			return nil
+		}
+		if len(v) < 72+32 || (len(v)-72)%32 != 0 || (len(v)-72)/32 > maxBatch {
+			return fmt.Errorf("receipt index: batch %d: record of %d bytes", id, len(v))
+		}
+		b = &batchSeal{ID: id}
+		copy(b.KeyID[:], v)
+		copy(b.Signature[:], v[8:])
+		for p := v[72:]; len(p) > 0; p = p[32:] {
+			b.Leaves = append(b.Leaves, [32]byte(p[:32]))
+		}
+		ok = true
+		return nil
+	})
+	return b, ok, err
+}
+
+func encodeBatch(b *batchSeal) []byte {
+	v := make([]byte, 0, 72+32*len(b.Leaves))
+	v = append(v, b.KeyID[:]...)
+	v = append(v, b.Signature[:]...)
+	for _, l := range b.Leaves {
+		v = append(v, l[:]...)
+	}
+	return v
+}
+
+func encodeIndexRecord(r indexRecord) []byte {
 	b := binary.BigEndian.AppendUint64(make([]byte, 0, 80), r.index)
-	b = append(b, r.keyID[:]...)
-	return append(b, r.signature[:]...)
+	switch {
+	case r.batched:
+		b = binary.BigEndian.AppendUint64(b, r.batchID)
+		return binary.BigEndian.AppendUint16(b, uint16(r.leafIndex))
+	case r.signed:
+		b = append(b, r.keyID[:]...)
+		return append(b, r.signature[:]...)
+	}
+	return b
 }
 
 func decodeIndexRecord(v []byte) (indexRecord, error) {
@@ -142,6 +201,10 @@ func decodeIndexRecord(v []byte) (indexRecord, error) {
 		copy(r.keyID[:], v[8:16])
 		copy(r.signature[:], v[16:])
 		r.signed = true
+	case 18:
+		r.signed, r.batched = true, true
+		r.batchID = binary.BigEndian.Uint64(v[8:])
+		r.leafIndex = int(binary.BigEndian.Uint16(v[16:]))
 	case 8:
 	default:
 		return r, fmt.Errorf("receipt index: record of %d bytes", len(v))
@@ -214,19 +277,21 @@ func (x *index) degraded() error {
 
 func (x *index) flush() error {
 	x.mu.Lock()
-	batch := x.pending
-	if len(batch) == 0 {
+	if len(x.pending) == 0 && len(x.batches) == 0 {
 		x.mu.Unlock()
 		return nil
 	}
-	// Keep serving the batch from memory until it is on disk.
-	snapshot := make(map[[16]byte]indexRecord, len(batch))
-	for k, v := range batch {
-		snapshot[k] = v
-	}
+	// Keep serving the records from memory until they are on disk.
+	snapshot := maps.Clone(x.pending)
+	batches := maps.Clone(x.batches)
 	x.mu.Unlock()
 	err := x.db.Update(func(tx *bolt.Tx) error {
-		ids, meta := tx.Bucket(bucketIDs), tx.Bucket(bucketMeta)
+		ids, meta, bs := tx.Bucket(bucketIDs), tx.Bucket(bucketMeta), tx.Bucket(bucketBatches)
+		for id, b := range batches {
+			if err := bs.Put(binary.BigEndian.AppendUint64(nil, id), encodeBatch(b)); err != nil {
+				return err
+			}
+		}
 		var highest uint64
 		if b := meta.Get(keyMax); len(b) == 8 {
 			highest = binary.BigEndian.Uint64(b)
@@ -250,6 +315,9 @@ func (x *index) flush() error {
 		if cur, ok := x.pending[id]; ok && cur == r {
 			delete(x.pending, id)
 		}
+	}
+	for id := range batches {
+		delete(x.batches, id)
 	}
 	x.mu.Unlock()
 	return nil

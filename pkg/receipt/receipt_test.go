@@ -7,8 +7,11 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"log/slog"
 	"path/filepath"
+	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -149,27 +152,110 @@ func TestTokenRoundTripAndTamper(t *testing.T) {
 	r := sample()
 	enc, _ := r.Encode()
 	c := Cert{PublicKey: pub}
-	tok := Sign(r.ID, LeafHash(enc), c.KeyID(), priv)
-	s := tok.String()
-	if len(s) != TokenLen || len(s) > 512 {
-		t.Fatalf("token is %d bytes (TokenLen %d)", len(s), TokenLen)
+	leaf := LeafHash(enc)
+	toks := map[string]Token{"kr1": signKR1(r.ID, leaf, c.KeyID(), priv)}
+	for _, n := range []int{1, 2, 5, 100, maxBatch} {
+		leaves := make([][32]byte, n)
+		for i := range leaves {
+			leaves[i] = [32]byte{byte(i), byte(i >> 8), 7}
+		}
+		at := n - 1 // the last leaf of a full batch has the longest path
+		leaves[at] = leaf
+		seal, paths := sealBatch(uint64(n), leaves, c.KeyID(), priv)
+		toks[fmt.Sprintf("kr2 leaf %d of %d", at, n)] = batchToken(r.ID, leaf, &seal, at, paths[at])
 	}
-	back, err := ParseToken(s)
-	if err != nil || back != tok || !back.VerifySignature(pub) {
-		t.Fatalf("round trip: %v", err)
-	}
-	// Every single-character change is either unparseable or fails the signature.
-	for i := len("kr1."); i < len(s); i++ {
-		b := []byte(s)
-		b[i] = map[bool]byte{true: 'A', false: 'B'}[b[i] != 'A']
-		if x, err := ParseToken(string(b)); err == nil && x.VerifySignature(pub) && x == tok {
-			t.Fatalf("change at %d went unnoticed", i)
+	for name, tok := range toks {
+		s := tok.String()
+		if len(s) > TokenLen || TokenLen > 512 {
+			t.Fatalf("%s: token is %d bytes (TokenLen %d)", name, len(s), TokenLen)
+		}
+		back, err := ParseToken(s)
+		if err != nil || !reflect.DeepEqual(back, tok) || !back.VerifySignature(pub) {
+			t.Fatalf("%s: round trip: %v", name, err)
+		}
+		// Every single-character change is either unparseable or fails the
+		// signature: id, leaf, key id, signature, batch id, size, index and
+		// each path hash.
+		for i := len("krN."); i < len(s); i++ {
+			b := []byte(s)
+			b[i] = map[bool]byte{true: 'A', false: 'B'}[b[i] != 'A']
+			if x, err := ParseToken(string(b)); err == nil && x.VerifySignature(pub) && reflect.DeepEqual(x, tok) {
+				t.Fatalf("%s: change at %d went unnoticed", name, i)
+			}
 		}
 	}
-	for _, bad := range []string{"", "kr2.AAAA", "kr1.!!!", "kr1.AAAA"} {
+	// Field by field, for the batch fields, through the decoded token.
+	tok := toks["kr2 leaf 4 of 5"]
+	tamper := map[string]func(*Token){
+		"path hash":  func(t *Token) { t.Path[0][3] ^= 1 },
+		"path cut":   func(t *Token) { t.Path = t.Path[:len(t.Path)-1] },
+		"batch size": func(t *Token) { t.BatchSize = 6 },
+		"leaf index": func(t *Token) { t.LeafIndex = 3 },
+		"batch id":   func(t *Token) { t.BatchID++ },
+		"signature":  func(t *Token) { t.Signature[9] ^= 1 },
+		"leaf":       func(t *Token) { t.LeafHash[0] ^= 1 },
+		"version":    func(t *Token) { t.Batched = false },
+	}
+	for name, f := range tamper {
+		x := tok
+		x.Path = slices.Clone(tok.Path)
+		f(&x)
+		if x.VerifySignature(pub) {
+			t.Errorf("tampered %s still verifies", name)
+		}
+	}
+	if !tok.VerifySignature(pub) {
+		t.Fatal("the tamper cases changed the original")
+	}
+	for _, bad := range []string{"", "kr3.AAAA", "kr1.!!!", "kr1.AAAA", "kr2.AAAA", "kr2." + strings.Repeat("A", TokenLen)} {
 		if _, err := ParseToken(bad); err == nil {
 			t.Errorf("%q accepted", bad)
 		}
+	}
+}
+
+// TestBatchPathsMatchTheLibrary: every leaf's audit path, in batches of
+// every size up to maxBatch, is the one transparency-dev/merkle verifies
+// against the batch root.
+func TestBatchPathsMatchTheLibrary(t *testing.T) {
+	for n := 1; n <= maxBatch; n++ {
+		leaves := make([][32]byte, n)
+		for i := range leaves {
+			leaves[i] = LeafHash([]byte(fmt.Sprint(n, i)))
+		}
+		paths := make([][][32]byte, n)
+		root := treeHash(leaves, paths)
+		for i := range leaves {
+			got, err := batchRoot(leaves[i], i, n, paths[i])
+			if err != nil || !bytes.Equal(got, root[:]) {
+				t.Fatalf("leaf %d of %d: %v", i, n, err)
+			}
+			if len(paths[i]) > maxPath {
+				t.Fatalf("leaf %d of %d: path of %d hashes, over %d", i, n, len(paths[i]), maxPath)
+			}
+		}
+	}
+}
+
+// TestBatchRecordRejectsDamage: a journal batch record cut short, with
+// bytes after it or a count out of range is refused with a reason, never
+// read past its end.
+func TestBatchRecordRejectsDamage(t *testing.T) {
+	_, priv, _ := ed25519.GenerateKey(nil)
+	encs := [][]byte{[]byte("one"), []byte("two")}
+	seal, _ := sealBatch(1, [][32]byte{LeafHash(encs[0]), LeafHash(encs[1])}, [8]byte{1}, priv)
+	rec := appendBatchRecord(nil, &seal, encs)
+	got, gotEncs, err := parseBatchRecord(rec)
+	if err != nil || !reflect.DeepEqual(got, seal) || !reflect.DeepEqual(gotEncs, encs) {
+		t.Fatalf("round trip: %v", err)
+	}
+	for i := range len(rec) - 1 {
+		if _, _, err := parseBatchRecord(rec[:i]); err == nil {
+			t.Fatalf("cut at %d of %d accepted", i, len(rec))
+		}
+	}
+	if _, _, err := parseBatchRecord(append(slices.Clone(rec), 0)); err == nil {
+		t.Fatal("a trailing byte was accepted")
 	}
 }
 
@@ -204,15 +290,18 @@ func TestDelegationCertificate(t *testing.T) {
 
 func FuzzParseToken(f *testing.F) {
 	pub, priv, _ := ed25519.GenerateKey(nil)
-	f.Add(Sign([16]byte{1}, [32]byte{2}, [8]byte{3}, priv).String())
+	f.Add(signKR1([16]byte{1}, [32]byte{2}, [8]byte{3}, priv).String())
+	seal, paths := sealBatch(5, make([][32]byte, 5), [8]byte{3}, priv)
+	f.Add(batchToken([16]byte{1}, [32]byte{}, &seal, 4, paths[4]).String())
 	f.Add("kr1.")
+	f.Add("kr2.")
 	f.Fuzz(func(t *testing.T, s string) {
 		tok, err := ParseToken(s)
 		if err != nil {
 			return
 		}
 		_ = tok.VerifySignature(pub)
-		if back, err := ParseToken(tok.String()); err != nil || back != tok {
+		if back, err := ParseToken(tok.String()); err != nil || !reflect.DeepEqual(back, tok) {
 			t.Fatalf("re-encoding a parsed token changed it: %v", err)
 		}
 	})

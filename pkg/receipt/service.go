@@ -2,6 +2,7 @@ package receipt
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/x509"
 	"encoding/json"
@@ -26,6 +27,9 @@ type ServiceConfig struct {
 	Delegation         time.Duration // lifetime of a delegated key (≤ 24 h)
 	CheckpointInterval time.Duration
 	BatchMaxAge        time.Duration
+	// CommitWait is the most a receipt waits for others to share its
+	// journal sync and batch signature (0: none).
+	CommitWait time.Duration
 	// KMSRefresh is how often a rotatable KMS key (kms.Versioned) is asked
 	// for its latest version (default 1 min; 0 uses the default).
 	KMSRefresh time.Duration
@@ -168,17 +172,13 @@ func (s *Service) recoverJournal(ctx context.Context, dir string) error {
 	if err != nil {
 		return err
 	}
-	appended := 0
-	for i, p := range recs {
-		keyID, sig, enc, err := splitJournalRecord(p)
-		if err != nil {
-			return fmt.Errorf("receipt journal record %d: %w", i, err)
-		}
+	n, appended := 0, 0
+	restore := func(enc []byte, rec indexRecord) error {
+		n++
 		r, err := Decode(enc)
 		if err != nil {
-			return fmt.Errorf("receipt journal record %d: %w", i, err)
+			return err
 		}
-		rec := indexRecord{keyID: keyID, signature: sig, signed: true}
 		if e, ok, err := s.index.get(r.ID); err != nil {
 			return err
 		} else if ok {
@@ -190,31 +190,53 @@ func (s *Service) recoverJournal(ctx context.Context, dir string) error {
 			appended++
 		}
 		s.index.put(r.ID, rec)
+		return nil
+	}
+	for i, p := range recs {
+		if isBatchRecord(p) {
+			sb, encs, err := parseBatchRecord(p)
+			if err != nil {
+				return fmt.Errorf("receipt journal record %d: %w", i, err)
+			}
+			s.index.putBatch(&sb)
+			for j, enc := range encs {
+				rec := indexRecord{keyID: sb.KeyID, signed: true, batched: true, batchID: sb.ID, leafIndex: j}
+				if err := restore(enc, rec); err != nil {
+					return fmt.Errorf("receipt journal record %d, receipt %d: %w", i, j, err)
+				}
+			}
+			continue
+		}
+		keyID, sig, enc, err := splitKR1Record(p)
+		if err == nil {
+			err = restore(enc, indexRecord{keyID: keyID, signature: sig, signed: true})
+		}
+		if err != nil {
+			return fmt.Errorf("receipt journal record %d: %w", i, err)
+		}
 	}
 	if len(recs) > 0 {
-		s.log.Info("receipt journal recovered", "records", len(recs), "appended_to_log", appended)
+		s.log.Info("receipt journal recovered", "records", n, "appended_to_log", appended)
 		if err := w.dropRecovered(); err != nil {
 			return err
 		}
 	}
 	// Only a started journal is the service's: Close waits for its
 	// committer, which never runs if the first segment cannot be made.
-	if err := w.start(); err != nil {
+	key := func() ([8]byte, ed25519.PrivateKey) {
+		d := s.keys.Current()
+		return d.KeyID, d.Key
+	}
+	if err := w.start(key, s.index.putBatch, s.cfg.CommitWait); err != nil {
 		return err
 	}
 	s.wal = w
 	return nil
 }
 
-// journalRecord is key id ‖ signature ‖ encoded receipt.
-func journalRecord(keyID [8]byte, sig [64]byte, enc []byte) []byte {
-	b := make([]byte, 0, 72+len(enc))
-	b = append(b, keyID[:]...)
-	b = append(b, sig[:]...)
-	return append(b, enc...)
-}
-
-func splitJournalRecord(p []byte) (keyID [8]byte, sig [64]byte, enc []byte, err error) {
+// splitKR1Record reads a journal record left by a version before batches:
+// key id ‖ kr1 signature ‖ encoded receipt.
+func splitKR1Record(p []byte) (keyID [8]byte, sig [64]byte, enc []byte, err error) {
 	if len(p) < 72 {
 		return keyID, sig, nil, fmt.Errorf("%d bytes, shorter than its header", len(p))
 	}
@@ -343,8 +365,7 @@ func (s *Service) Issue(ctx context.Context, r *Receipt) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	d := s.keys.Current()
-	tok := Sign(r.ID, LeafHash(enc), d.KeyID, d.Key)
+	leaf := LeafHash(enc)
 	select {
 	case s.inflight <- struct{}{}:
 	case <-ctx.Done():
@@ -363,19 +384,22 @@ func (s *Service) Issue(ctx context.Context, r *Receipt) (string, error) {
 	}
 	s.sequence.Add(1)
 	s.closeMu.Unlock()
-	ack, err := s.wal.submit(ctx, journalRecord(tok.KeyID, tok.Signature, enc))
+	ack, err := s.wal.submit(ctx, enc, leaf)
 	if err != nil {
 		s.sequence.Done()
 		s.done(r.ID)
 		return "", err
 	}
+	var tok Token
 	finish := func(a walAck) error {
 		if a.err != nil {
 			s.sequence.Done()
 			s.done(r.ID)
 			return a.err
 		}
-		s.seqq <- sequencedItem{r.ID, tok, a.seg, s.rlog.Enqueue(s.bg, enc)}
+		tok = batchToken(r.ID, leaf, a.seal, a.index, a.path)
+		rec := indexRecord{keyID: a.seal.KeyID, signed: true, batched: true, batchID: a.seal.ID, leafIndex: a.index}
+		s.seqq <- sequencedItem{r.ID, rec, a.seg, s.rlog.Enqueue(s.bg, enc)}
 		return nil
 	}
 	var a walAck
@@ -398,7 +422,7 @@ func (s *Service) Issue(ctx context.Context, r *Receipt) (string, error) {
 // sequencedItem is a journaled receipt and its future in the log.
 type sequencedItem struct {
 	id   [16]byte
-	tok  Token
+	rec  indexRecord // without its log index yet
 	seg  uint64
 	wait func() (uint64, error)
 }
@@ -429,7 +453,8 @@ func (s *Service) sequenced(it sequencedItem) {
 		return
 	}
 	s.lastIntegrated.Store(time.Now().UnixNano())
-	s.index.put(it.id, indexRecord{index: idx, keyID: it.tok.KeyID, signature: it.tok.Signature, signed: true})
+	it.rec.index = idx
+	s.index.put(it.id, it.rec)
 	s.wal.release(it.seg)
 }
 
@@ -478,7 +503,16 @@ func (s *Service) Bundle(ctx context.Context, id [16]byte) (Bundle, error) {
 	b := Bundle{Receipt: data, Decoded: view, Index: e.index, Proof: p, Checkpoint: string(raw)}
 	// A receipt indexed by a rescan after a crash has no stored signature:
 	// verify it with the token the client received.
-	if e.signed {
+	switch {
+	case e.batched:
+		sb, ok, err := s.index.getBatch(e.batchID)
+		if err != nil {
+			return Bundle{}, err
+		}
+		if ok && e.leafIndex < len(sb.Leaves) {
+			b.Token = batchToken(id, LeafHash(data), sb, e.leafIndex, sb.paths()[e.leafIndex]).String()
+		}
+	case e.signed:
 		b.Token = Token{ID: id, LeafHash: LeafHash(data), KeyID: e.keyID, Signature: e.signature}.String()
 	}
 	return b, nil

@@ -8,12 +8,14 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"hash/crc32"
 	"log/slog"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -248,7 +250,8 @@ func TestIndexRebuiltAfterLoss(t *testing.T) {
 
 // TestJournalRecoveryAfterCrash: receipts journaled (their tokens given
 // out) but not in the log when the process died are appended at the next
-// start; one already in the log is not appended twice; a torn last record
+// start, from kr1 records (a journal left by the version before batches)
+// and from sealed batches, and their bundles carry the tokens clients got; one already in the log is not appended twice; a torn last record
 // (its sync never returned, so no token went out) is ignored.
 func TestJournalRecoveryAfterCrash(t *testing.T) {
 	ctx := context.Background()
@@ -268,8 +271,8 @@ func TestJournalRecoveryAfterCrash(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		tok := Sign(r.ID, LeafHash(enc), d.KeyID, d.Key)
-		p := journalRecord(tok.KeyID, tok.Signature, enc)
+		tok := signKR1(r.ID, LeafHash(enc), d.KeyID, d.Key)
+		p := kr1Record(tok, enc)
 		seg = binary.BigEndian.AppendUint32(seg, uint32(len(p)))
 		seg = binary.BigEndian.AppendUint32(seg, crc32.Checksum(p, crcTable))
 		seg = append(seg, p...)
@@ -287,6 +290,27 @@ func TestJournalRecoveryAfterCrash(t *testing.T) {
 		r := Receipt{Time: time.Now().UnixNano(), Method: "POST", Path: "/lost", Status: uint16(200 + i)}
 		_, _ = rand.Read(r.ID[:])
 		lost = append(lost, add(&r))
+	}
+	// And a sealed batch of three, as this version journals them.
+	var encs [][]byte
+	var batch []Receipt
+	for i := range 3 {
+		r := Receipt{Time: time.Now().UnixNano(), Method: "PUT", Path: "/lost-batch", Status: uint16(200 + i)}
+		_, _ = rand.Read(r.ID[:])
+		enc, _ := r.Encode()
+		encs, batch = append(encs, enc), append(batch, r)
+	}
+	leaves := make([][32]byte, len(encs))
+	for i, e := range encs {
+		leaves[i] = LeafHash(e)
+	}
+	seal, paths := sealBatch(99, leaves, d.KeyID, d.Key)
+	p := appendBatchRecord(nil, &seal, encs)
+	seg = binary.BigEndian.AppendUint32(seg, uint32(len(p)))
+	seg = binary.BigEndian.AppendUint32(seg, crc32.Checksum(p, crcTable))
+	seg = append(seg, p...)
+	for i, r := range batch {
+		lost = append(lost, batchToken(r.ID, leaves[i], &seal, i, paths[i]))
 	}
 	seg = append(seg, 0, 0, 1, 0, 1, 2) // torn: a header with no payload
 	if err := os.WriteFile(filepath.Join(dir, "journal", segmentName(7)), seg, 0o600); err != nil {
@@ -307,8 +331,8 @@ func TestJournalRecoveryAfterCrash(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cp.Size != 3 {
-		t.Fatalf("log has %d entries, want 3: the receipt already in the log was appended again", cp.Size)
+	if cp.Size != 6 {
+		t.Fatalf("log has %d entries, want 6: the receipt already in the log was appended again, or a lost one was not", cp.Size)
 	}
 	if left, _ := filepath.Glob(filepath.Join(dir, "journal", "wal-0000000000000007.log")); len(left) != 0 {
 		t.Fatal("the recovered segment was not removed")
@@ -429,5 +453,57 @@ func TestIssueHonoursItsDeadlineWhenTheJournalStalls(t *testing.T) {
 	}
 	if err := s.Close(context.Background()); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestCommitWaitSharesOneSignature: receipts issued together within
+// commit_wait share one journal sync and one batch signature, and each
+// token verifies alone (through its bundle) with its own audit path.
+func TestCommitWaitSharesOneSignature(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	signer, err := kms.OpenLocal(filepath.Join(dir, "kms.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A wait far longer than ten goroutines take to start, however
+	// loaded the machine; a batch is full at maxBatch anyway.
+	s, err := OpenService(ctx, dir, ServiceConfig{Origin: "test/log", Region: "r", Instance: "i", Delegation: time.Hour,
+		CheckpointInterval: 100 * time.Millisecond, BatchMaxAge: time.Millisecond, CommitWait: 2 * time.Second}, signer, discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = s.Close(ctx) }()
+	const n = 10
+	toks := make([]Token, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			r := Receipt{Time: time.Now().UnixNano(), Method: "GET", Path: fmt.Sprint("/", i), Status: 200}
+			raw, err := s.Issue(ctx, &r)
+			if err == nil {
+				toks[i], err = ParseToken(raw)
+			}
+			if err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	if t.Failed() {
+		return
+	}
+	keys, _ := s.Published()
+	seen := map[int]bool{}
+	for _, tok := range toks {
+		if !tok.Batched || tok.BatchID != toks[0].BatchID || tok.BatchSize != n || seen[tok.LeafIndex] {
+			t.Fatalf("token in batch %d (size %d, leaf %d), want all %d in batch %d", tok.BatchID, tok.BatchSize, tok.LeafIndex, n, toks[0].BatchID)
+		}
+		seen[tok.LeafIndex] = true
+		b := bundleWhenIntegrated(t, s, tok.ID)
+		if b.Token != tok.String() {
+			t.Fatalf("bundle token %q, want the one issued", b.Token)
+		}
+		mustVerify(t, "batched receipt", b, keys)
 	}
 }

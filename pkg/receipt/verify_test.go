@@ -50,7 +50,10 @@ func issue(t *testing.T) (Bundle, PublishedKeys) {
 		t.Fatal(err)
 	}
 	d := keys.Current()
-	tok := Sign(r.ID, LeafHash(enc), d.KeyID, d.Key)
+	// Sealed in a batch with two others, so its audit path is not empty.
+	leaves := [][32]byte{{1}, LeafHash(enc), {3}}
+	seal, paths := sealBatch(7, leaves, d.KeyID, d.Key)
+	tok := batchToken(r.ID, leaves[1], &seal, 1, paths[1])
 	var raw []byte
 	var size uint64
 	deadline := time.Now().Add(10 * time.Second)

@@ -2,6 +2,8 @@ package receipt
 
 import (
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -24,6 +26,8 @@ import (
 // are appended at start, before anything is served.
 //
 // Record: length (4 bytes, big endian) ‖ CRC-32C of the payload ‖ payload.
+// A payload is a sealed batch of receipts (batch.go), or, in a journal left
+// by a version before batches, one kr1-signed receipt.
 type wal struct {
 	dir       string
 	maxRecs   int           // records per segment before a new one
@@ -38,6 +42,13 @@ type wal struct {
 	cur      *segment
 	nextSeq  uint64
 	err      error // sticky: a failed write or sync poisons the journal
+
+	// key is the delegated key batches are signed with, read once per
+	// group; nextBatch numbers the batches (the committer's alone).
+	key       func() ([8]byte, ed25519.PrivateKey)
+	sealed    func(*batchSeal) // told of each batch once durable, before any ack
+	wait      time.Duration    // the most a group waits to fill (commit_wait)
+	nextBatch uint64
 }
 
 type segment struct {
@@ -50,13 +61,20 @@ type segment struct {
 }
 
 type walReq struct {
-	payload []byte
-	done    chan walAck
+	enc  []byte   // the receipt's canonical encoding
+	leaf [32]byte // its leaf hash
+	done chan walAck
 }
 
+// walAck answers a walReq: once the record is on disk, the segment holding
+// it (to release when the record is in the log), and the batch seal, leaf
+// index and audit path its token is made of.
 type walAck struct {
-	seg uint64
-	err error
+	seg   uint64
+	err   error
+	seal  *batchSeal
+	index int
+	path  [][32]byte
 }
 
 var crcTable = crc32.MakeTable(crc32.Castagnoli)
@@ -142,7 +160,14 @@ func (w *wal) dropRecovered() error {
 
 // start opens the first segment and runs the committer: creating a file
 // and syncing its directory is then not on the first request's path.
-func (w *wal) start() error {
+func (w *wal) start(key func() ([8]byte, ed25519.PrivateKey), sealed func(*batchSeal), wait time.Duration) error {
+	// Batch ids key the index's batch records: a random start keeps them
+	// unique across restarts without storing a counter.
+	var seed [8]byte
+	if _, err := rand.Read(seed[:]); err != nil {
+		return err
+	}
+	w.key, w.sealed, w.wait, w.nextBatch = key, sealed, wait, binary.BigEndian.Uint64(seed[:])
 	w.mu.Lock()
 	err := w.rotateLocked()
 	w.mu.Unlock()
@@ -153,13 +178,12 @@ func (w *wal) start() error {
 	return nil
 }
 
-// submit queues payload for the journal; await gives its acknowledgement:
-// once the record is on disk, the segment holding it (to release when the
-// record is in the log).
-func (w *wal) submit(ctx context.Context, payload []byte) (<-chan walAck, error) {
+// submit queues a receipt for the journal; await gives its
+// acknowledgement.
+func (w *wal) submit(ctx context.Context, enc []byte, leaf [32]byte) (<-chan walAck, error) {
 	done := make(chan walAck, 1)
 	select {
-	case w.reqs <- walReq{payload: payload, done: done}:
+	case w.reqs <- walReq{enc: enc, leaf: leaf, done: done}:
 		return done, nil
 	case <-w.stop:
 		return nil, errors.New("receipt journal closed")
@@ -184,17 +208,27 @@ func (w *wal) await(ack <-chan walAck) walAck {
 	}
 }
 
-// commitLoop writes whatever has queued as one batch and syncs it: while
-// one sync runs, the next batch gathers.
+// commitLoop writes whatever has queued as one group and syncs it: while
+// one sync runs, the next group gathers. The group is cut into batches of
+// up to maxBatch receipts, each signed once (batch.go) and journaled as one
+// record with its signature.
 func (w *wal) commitLoop() {
 	defer close(w.done)
-	var batch []walReq
+	var group []walReq
 	var buf []byte
+	var encs [][]byte
+	type sealed struct {
+		seal  *batchSeal
+		paths [][][32]byte
+	}
+	var seals []sealed
+	linger := time.NewTimer(time.Hour)
+	linger.Stop()
 	for {
-		batch = batch[:0]
+		group = group[:0]
 		select {
 		case r := <-w.reqs:
-			batch = append(batch, r)
+			group = append(group, r)
 		case <-w.stop:
 			// Answer whatever queued meanwhile: no token goes out for it.
 			for {
@@ -206,24 +240,64 @@ func (w *wal) commitLoop() {
 				}
 			}
 		}
+		// Wait for a group to fill, up to one batch: beyond it, neither the
+		// sync nor the signature is shared any further.
+		if w.wait > 0 {
+			linger.Reset(w.wait)
+		fill:
+			for len(group) < maxBatch {
+				select {
+				case r := <-w.reqs:
+					group = append(group, r)
+				case <-linger.C:
+					break fill
+				case <-w.stop:
+					break fill // write what is here; the next turn answers the rest
+				}
+			}
+			linger.Stop()
+		}
 	gather:
-		for len(batch) < 8192 {
+		for len(group) < 8192 {
 			select {
 			case r := <-w.reqs:
-				batch = append(batch, r)
+				group = append(group, r)
 			default:
 				break gather
 			}
 		}
-		buf = buf[:0]
-		for _, r := range batch {
-			buf = binary.BigEndian.AppendUint32(buf, uint32(len(r.payload)))
-			buf = binary.BigEndian.AppendUint32(buf, crc32.Checksum(r.payload, crcTable))
-			buf = append(buf, r.payload...)
+		buf, seals = buf[:0], seals[:0]
+		keyID, key := w.key()
+		for b := range slices.Chunk(group, maxBatch) {
+			leaves := make([][32]byte, len(b))
+			encs = encs[:0]
+			for i, r := range b {
+				leaves[i] = r.leaf
+				encs = append(encs, r.enc)
+			}
+			w.nextBatch++
+			seal, paths := sealBatch(w.nextBatch, leaves, keyID, key)
+			start := len(buf)
+			buf = append(buf, make([]byte, walHeader)...)
+			buf = appendBatchRecord(buf, &seal, encs)
+			p := buf[start+walHeader:]
+			binary.BigEndian.PutUint32(buf[start:], uint32(len(p)))
+			binary.BigEndian.PutUint32(buf[start+4:], crc32.Checksum(p, crcTable))
+			seals = append(seals, sealed{&seal, paths})
 		}
-		seg, err := w.write(buf, len(batch))
-		for _, r := range batch {
-			r.done <- walAck{seg: seg, err: err}
+		seg, err := w.write(buf, len(group))
+		if err == nil {
+			for _, sb := range seals {
+				w.sealed(sb.seal)
+			}
+		}
+		for i, r := range group {
+			a := walAck{seg: seg, err: err}
+			if err == nil {
+				sb := seals[i/maxBatch]
+				a.seal, a.index, a.path = sb.seal, i%maxBatch, sb.paths[i%maxBatch]
+			}
+			r.done <- a
 		}
 	}
 }
