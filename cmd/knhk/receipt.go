@@ -60,7 +60,7 @@ func receiptCmd(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	if token != "" {
-		b.Token = token // the client's copy carries the inline signature
+		b.Token = token // the client's copy carries its signature (and, kr2, its batch's audit path)
 	}
 	checks := receipt.Verify(b, keys)
 	for _, c := range checks {
