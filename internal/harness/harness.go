@@ -177,36 +177,43 @@ func BuildBinaries(ctx context.Context, dir string) error {
 
 // Summary is the output for a failure report: runs of lines that differ
 // only in their numbers (timestamps, ids, ports) collapse to the first
-// line and a count, and only the last maxLines remain. A CI log keeps only
+// line and a count, and only the last maxLines runs remain. A CI log keeps only
 // its tail, and one overload test's thousands of identical Envoy warnings
 // pushed the failing assertion out of it.
 func (l *LogBuffer) Summary(maxLines int) string {
-	lines := strings.Split(strings.TrimRight(l.String(), "\n"), "\n")
-	var out []string
-	shape, run := "", 0
-	flush := func() {
-		if run > 1 {
-			out = append(out, fmt.Sprintf("        … and %d more lines like it", run-1))
-		}
+	type run struct {
+		line  string
+		shape string
+		n     int
 	}
-	for _, line := range lines {
-		s := strings.Map(func(r rune) rune {
+	var runs []run
+	for _, line := range strings.Split(strings.TrimRight(l.String(), "\n"), "\n") {
+		shape := strings.Map(func(r rune) rune {
 			if r >= '0' && r <= '9' {
 				return -1
 			}
 			return r
 		}, line)
-		if s == shape {
-			run++
+		if len(runs) > 0 && runs[len(runs)-1].shape == shape {
+			runs[len(runs)-1].n++
 			continue
 		}
-		flush()
-		shape, run = s, 1
-		out = append(out, line)
+		runs = append(runs, run{line, shape, 1})
 	}
-	flush()
-	if len(out) > maxLines {
-		out = append([]string{fmt.Sprintf("… %d earlier lines left out", len(out)-maxLines)}, out[len(out)-maxLines:]...)
+	var out []string
+	if len(runs) > maxLines {
+		dropped := 0
+		for _, r := range runs[:len(runs)-maxLines] {
+			dropped += r.n
+		}
+		out = append(out, fmt.Sprintf("… %d earlier lines left out", dropped))
+		runs = runs[len(runs)-maxLines:]
+	}
+	for _, r := range runs {
+		out = append(out, r.line)
+		if r.n > 1 {
+			out = append(out, fmt.Sprintf("        … and %d more lines like it", r.n-1))
+		}
 	}
 	return strings.Join(out, "\n")
 }

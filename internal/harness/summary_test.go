@@ -17,7 +17,7 @@ func TestSummaryCollapsesRepeatsAndKeepsTheTail(t *testing.T) {
 	if got != want {
 		t.Fatalf("Summary:\n%s\nwant:\n%s", got, want)
 	}
-	if s := b.Summary(2); !strings.HasPrefix(s, "… 3 earlier lines left out\n") || !strings.HasSuffix(s, "draining\nstopped") {
+	if s := b.Summary(2); !strings.HasPrefix(s, "… 501 earlier lines left out\n") || !strings.HasSuffix(s, "draining\nstopped") {
 		t.Fatalf("Summary(2) = %q", s)
 	}
 }
