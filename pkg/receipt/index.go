@@ -1,6 +1,7 @@
 package receipt
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -288,7 +289,16 @@ func (x *index) flush() error {
 	err := x.db.Update(func(tx *bolt.Tx) error {
 		ids, meta, bs := tx.Bucket(bucketIDs), tx.Bucket(bucketMeta), tx.Bucket(bucketBatches)
 		for id, b := range batches {
-			if err := bs.Put(binary.BigEndian.AppendUint64(nil, id), encodeBatch(b)); err != nil {
+			k, v := binary.BigEndian.AppendUint64(nil, id), encodeBatch(b)
+			if old := bs.Get(k); old != nil {
+				if !bytes.Equal(old, v) {
+					// Ids start at random: this is corruption, not a collision
+					// to resolve. Keep the first: its tokens are out.
+					x.log.Error("receipt index: a batch id is taken by another batch; keeping the first", "batch", id)
+				}
+				continue
+			}
+			if err := bs.Put(k, v); err != nil {
 				return err
 			}
 		}

@@ -88,6 +88,13 @@ func OpenKeys(ctx context.Context, dir string, signer kms.Signer, lifetime time.
 // Current is the key to sign with now.
 func (k *Keys) Current() *Delegate { return k.current.Load() }
 
+// certBackdate starts a delegated key's validity before its certification.
+// A receipt's time is its request's start, and the key that signs it is
+// the one current when its batch commits, later; without it, a request
+// that began just before a rotation would carry a receipt dated before
+// its key's validity. A minute is longer than any request knhk waits on.
+const certBackdate = time.Minute
+
 // Rotate certifies a new key and makes it current. Signers keep using the
 // old key until the swap; the old certificate stays published.
 func (k *Keys) Rotate(ctx context.Context) error {
@@ -98,7 +105,7 @@ func (k *Keys) Rotate(ctx context.Context) error {
 	k.mu.Lock()
 	signer := k.signer
 	k.mu.Unlock()
-	sc, err := Certify(ctx, signer, pub, k.now(), k.lifetime, k.region, k.instance)
+	sc, err := Certify(ctx, signer, pub, k.now().Add(-certBackdate), k.lifetime, k.region, k.instance)
 	if err != nil {
 		return err
 	}

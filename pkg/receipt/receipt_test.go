@@ -173,15 +173,33 @@ func TestTokenRoundTripAndTamper(t *testing.T) {
 		if err != nil || !reflect.DeepEqual(back, tok) || !back.VerifySignature(pub) {
 			t.Fatalf("%s: round trip: %v", name, err)
 		}
-		// Every single-character change is either unparseable or fails the
-		// signature: id, leaf, key id, signature, batch id, size, index and
-		// each path hash.
+		// Every single-character change is unparseable, changes the id or
+		// the key id (which the signature does not cover: Verify matches
+		// the id against the receipt's bytes and the key id picks the
+		// certificate), or fails the signature.
 		for i := len("krN."); i < len(s); i++ {
 			b := []byte(s)
 			b[i] = map[bool]byte{true: 'A', false: 'B'}[b[i] != 'A']
-			if x, err := ParseToken(string(b)); err == nil && x.VerifySignature(pub) && reflect.DeepEqual(x, tok) {
-				t.Fatalf("%s: change at %d went unnoticed", name, i)
+			x, err := ParseToken(string(b))
+			if err != nil || x.ID != tok.ID || x.KeyID != tok.KeyID {
+				continue
 			}
+			if x.VerifySignature(pub) {
+				t.Fatalf("%s: change at %d still verifies", name, i)
+			}
+		}
+	}
+	// A size the path length cannot rule out: leaf 0 of 7 has the same
+	// path (and root) as leaf 0 of 8, so only the signed size tells them
+	// apart.
+	{
+		leaves := make([][32]byte, 7)
+		leaves[0] = leaf
+		seal, paths := sealBatch(9, leaves, c.KeyID(), priv)
+		x := batchToken(r.ID, leaf, &seal, 0, paths[0])
+		x.BatchSize = 8
+		if x.VerifySignature(pub) {
+			t.Fatal("a token claiming a batch of 8 for a batch of 7 still verifies")
 		}
 	}
 	// Field by field, for the batch fields, through the decoded token.
@@ -207,7 +225,10 @@ func TestTokenRoundTripAndTamper(t *testing.T) {
 	if !tok.VerifySignature(pub) {
 		t.Fatal("the tamper cases changed the original")
 	}
-	for _, bad := range []string{"", "kr3.AAAA", "kr1.!!!", "kr1.AAAA", "kr2.AAAA", "kr2." + strings.Repeat("A", TokenLen)} {
+	// Well formed but one path hash too long: only the length cap refuses it.
+	long := toks[fmt.Sprintf("kr2 leaf %d of %d", maxBatch-1, maxBatch)]
+	long.Path = append(slices.Clone(long.Path), [32]byte{})
+	for _, bad := range []string{"", "kr3.AAAA", "kr1.!!!", "kr1.AAAA", "kr2.AAAA", long.String()} {
 		if _, err := ParseToken(bad); err == nil {
 			t.Errorf("%q accepted", bad)
 		}
@@ -249,7 +270,7 @@ func TestBatchRecordRejectsDamage(t *testing.T) {
 	if err != nil || !reflect.DeepEqual(got, seal) || !reflect.DeepEqual(gotEncs, encs) {
 		t.Fatalf("round trip: %v", err)
 	}
-	for i := range len(rec) - 1 {
+	for i := range len(rec) {
 		if _, _, err := parseBatchRecord(rec[:i]); err == nil {
 			t.Fatalf("cut at %d of %d accepted", i, len(rec))
 		}
@@ -328,3 +349,38 @@ func FuzzDecode(f *testing.F) {
 }
 
 func discard() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+func FuzzParseBatchRecord(f *testing.F) {
+	_, priv, _ := ed25519.GenerateKey(nil)
+	encs := [][]byte{[]byte("a"), []byte("bc")}
+	seal, _ := sealBatch(1, [][32]byte{LeafHash(encs[0]), LeafHash(encs[1])}, [8]byte{1}, priv)
+	f.Add(appendBatchRecord(nil, &seal, encs))
+	f.Add(batchRecordMagic[:])
+	f.Fuzz(func(t *testing.T, b []byte) {
+		s, encs, err := parseBatchRecord(b)
+		if err != nil {
+			return
+		}
+		if len(encs) != len(s.Leaves) || !bytes.Equal(appendBatchRecord(nil, &s, encs), b) {
+			t.Fatal("a parsed batch record does not re-encode to itself")
+		}
+	})
+}
+
+// TestDelegatedKeyCoversRequestsJustBeforeIt: a receipt is dated by its
+// request's start and signed by the key current when its batch commits;
+// a key certified just after a request began still covers it.
+func TestDelegatedKeyCoversRequestsJustBeforeIt(t *testing.T) {
+	signer, err := kms.OpenLocal(filepath.Join(t.TempDir(), "kms.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, err := OpenKeys(context.Background(), filepath.Join(t.TempDir(), "keys"), signer, time.Hour, "r", "i", discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := keys.Current().Cert
+	if err := c.Verify(signer.Public(), time.Now().Add(-30*time.Second)); err != nil {
+		t.Fatalf("a request begun 30 s before its key was certified: %v", err)
+	}
+}

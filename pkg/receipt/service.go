@@ -173,6 +173,12 @@ func (s *Service) recoverJournal(ctx context.Context, dir string) error {
 		return err
 	}
 	n, appended := 0, 0
+	type pendingAppend struct {
+		id   [16]byte
+		rec  indexRecord
+		wait func() (uint64, error)
+	}
+	var waits []pendingAppend
 	restore := func(enc []byte, rec indexRecord) error {
 		n++
 		r, err := Decode(enc)
@@ -183,13 +189,12 @@ func (s *Service) recoverJournal(ctx context.Context, dir string) error {
 			return err
 		} else if ok {
 			rec.index = e.index
-		} else {
-			if rec.index, err = s.rlog.Append(ctx, enc); err != nil {
-				return err
-			}
-			appended++
+			s.index.put(r.ID, rec)
+			return nil
 		}
-		s.index.put(r.ID, rec)
+		// Queued now, awaited below: one Append at a time would wait a
+		// whole log batch (batch_max_age) per receipt.
+		waits = append(waits, pendingAppend{r.ID, rec, s.rlog.Enqueue(ctx, enc)})
 		return nil
 	}
 	for i, p := range recs {
@@ -215,8 +220,22 @@ func (s *Service) recoverJournal(ctx context.Context, dir string) error {
 			return fmt.Errorf("receipt journal record %d: %w", i, err)
 		}
 	}
+	for _, p := range waits {
+		idx, err := p.wait()
+		if err != nil {
+			return err
+		}
+		p.rec.index = idx
+		s.index.put(p.id, p.rec)
+		appended++
+	}
 	if len(recs) > 0 {
 		s.log.Info("receipt journal recovered", "records", n, "appended_to_log", appended)
+		// The index holds the recovered tokens' signatures; on disk first,
+		// since the journal that also holds them goes next.
+		if err := s.index.flush(); err != nil {
+			return fmt.Errorf("receipt index: %w", err)
+		}
 		if err := w.dropRecovered(); err != nil {
 			return err
 		}
@@ -509,8 +528,14 @@ func (s *Service) Bundle(ctx context.Context, id [16]byte) (Bundle, error) {
 		if err != nil {
 			return Bundle{}, err
 		}
-		if ok && e.leafIndex < len(sb.Leaves) {
-			b.Token = batchToken(id, LeafHash(data), sb, e.leafIndex, sb.paths()[e.leafIndex]).String()
+		leaf := LeafHash(data)
+		switch {
+		case ok && e.leafIndex < len(sb.Leaves) && sb.Leaves[e.leafIndex] == leaf:
+			b.Token = batchToken(id, leaf, sb, e.leafIndex, sb.paths()[e.leafIndex]).String()
+		default:
+			// Verify it with the token the client holds, as after a rescan.
+			s.log.Error("receipt index: the batch record does not hold this receipt; bundle served without a token",
+				"receipt", fmt.Sprintf("%x", id), "batch", e.batchID, "leaf", e.leafIndex, "found", ok)
 		}
 	case e.signed:
 		b.Token = Token{ID: id, LeafHash: LeafHash(data), KeyID: e.keyID, Signature: e.signature}.String()

@@ -2,6 +2,7 @@ package receipt
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
@@ -457,8 +458,9 @@ func TestIssueHonoursItsDeadlineWhenTheJournalStalls(t *testing.T) {
 }
 
 // TestCommitWaitSharesOneSignature: receipts issued together within
-// commit_wait share one journal sync and one batch signature, and each
-// token verifies alone (through its bundle) with its own audit path.
+// commit_wait share a journal sync and batch signatures, 128 receipts at
+// most to a signature (so 300 make several batches in one sync), and each
+// token verifies (through its bundle) with its own audit path.
 func TestCommitWaitSharesOneSignature(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
@@ -466,15 +468,15 @@ func TestCommitWaitSharesOneSignature(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// A wait far longer than ten goroutines take to start, however
-	// loaded the machine; a batch is full at maxBatch anyway.
+	// A wait far longer than the goroutines take to start, however loaded
+	// the machine; a batch is full at maxBatch anyway.
 	s, err := OpenService(ctx, dir, ServiceConfig{Origin: "test/log", Region: "r", Instance: "i", Delegation: time.Hour,
 		CheckpointInterval: 100 * time.Millisecond, BatchMaxAge: time.Millisecond, CommitWait: 2 * time.Second}, signer, discard())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer func() { _ = s.Close(ctx) }()
-	const n = 10
+	const n = 300
 	toks := make([]Token, n)
 	var wg sync.WaitGroup
 	for i := range n {
@@ -494,16 +496,96 @@ func TestCommitWaitSharesOneSignature(t *testing.T) {
 		return
 	}
 	keys, _ := s.Published()
-	seen := map[int]bool{}
+	type leafAt struct {
+		batch uint64
+		leaf  int
+	}
+	seen := map[leafAt]bool{}
+	sizes := map[uint64]int{}
 	for _, tok := range toks {
-		if !tok.Batched || tok.BatchID != toks[0].BatchID || tok.BatchSize != n || seen[tok.LeafIndex] {
-			t.Fatalf("token in batch %d (size %d, leaf %d), want all %d in batch %d", tok.BatchID, tok.BatchSize, tok.LeafIndex, n, toks[0].BatchID)
+		at := leafAt{tok.BatchID, tok.LeafIndex}
+		if !tok.Batched || tok.BatchSize > maxBatch || seen[at] {
+			t.Fatalf("token in batch %d (size %d, leaf %d): not batched, over %d, or a leaf given twice", tok.BatchID, tok.BatchSize, tok.LeafIndex, maxBatch)
 		}
-		seen[tok.LeafIndex] = true
+		seen[at] = true
+		sizes[tok.BatchID] = tok.BatchSize
 		b := bundleWhenIntegrated(t, s, tok.ID)
 		if b.Token != tok.String() {
 			t.Fatalf("bundle token %q, want the one issued", b.Token)
 		}
 		mustVerify(t, "batched receipt", b, keys)
+	}
+	total := 0
+	for _, size := range sizes {
+		total += size
+	}
+	if total != n || len(sizes) < 3 {
+		t.Fatalf("batches %v: %d receipts in %d batches, want %d in at least 3", sizes, total, len(sizes), n)
+	}
+	if len(sizes) > 10 {
+		t.Errorf("%d batches for %d receipts issued together: commit_wait did not group them", len(sizes), n)
+	}
+}
+
+// TestBatchIDsStayUniqueAcrossRestarts: a receipt from before a restart
+// and one after each keep their own batch, so both bundles carry the
+// tokens their clients got.
+func TestBatchIDsStayUniqueAcrossRestarts(t *testing.T) {
+	ctx := context.Background()
+	dir, signer, s := localTestService(t)
+	before, tokBefore := issueOne(t, s)
+	bundleWhenIntegrated(t, s, tokBefore.ID)
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	s = openTestService(t, dir, signer)
+	defer func() { _ = s.Close(ctx) }()
+	after, tokAfter := issueOne(t, s)
+	if tokAfter.BatchID == tokBefore.BatchID {
+		t.Fatalf("batch id %d used before and after the restart", tokAfter.BatchID)
+	}
+	for want, id := range map[string][16]byte{before: tokBefore.ID, after: tokAfter.ID} {
+		if b := bundleWhenIntegrated(t, s, id); b.Token != want {
+			t.Fatalf("bundle token %q, want %q", b.Token, want)
+		}
+	}
+}
+
+// TestOneSyncManyBatches: a group larger than a batch (300 receipts queued
+// behind one sync) is cut into signed batches of at most 128, one journal
+// write, and each receipt's acknowledgement carries its own batch's seal
+// and path.
+func TestOneSyncManyBatches(t *testing.T) {
+	w, _, err := openWAL(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, priv, _ := ed25519.GenerateKey(nil)
+	const n = 300
+	leaves := make([][32]byte, n)
+	acks := make([]<-chan walAck, n)
+	for i := range n { // queued before the committer runs: one group
+		leaves[i] = LeafHash([]byte(fmt.Sprint(i)))
+		if acks[i], err = w.submit(context.Background(), []byte(fmt.Sprint(i)), leaves[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var sealed []*batchSeal
+	if err := w.start(func() ([8]byte, ed25519.PrivateKey) { return [8]byte{1}, priv }, func(b *batchSeal) { sealed = append(sealed, b) }, 0); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = w.close(context.Background()) }()
+	for i, ack := range acks {
+		a := w.await(ack)
+		if a.err != nil {
+			t.Fatal(a.err)
+		}
+		tok := batchToken([16]byte{}, leaves[i], a.seal, a.index, a.path)
+		if !tok.VerifySignature(pub) {
+			t.Fatalf("receipt %d (leaf %d of batch %d, size %d) does not verify", i, a.index, a.seal.ID, len(a.seal.Leaves))
+		}
+	}
+	if len(sealed) != 3 || len(sealed[0].Leaves) != maxBatch || len(sealed[2].Leaves) != n-2*maxBatch {
+		t.Fatalf("%d batches sealed, want 3 of 128, 128 and 44", len(sealed))
 	}
 }

@@ -61,9 +61,10 @@ type segment struct {
 }
 
 type walReq struct {
-	enc  []byte   // the receipt's canonical encoding
-	leaf [32]byte // its leaf hash
-	done chan walAck
+	enc    []byte   // the receipt's canonical encoding
+	leaf   [32]byte // its leaf hash
+	queued time.Time
+	done   chan walAck
 }
 
 // walAck answers a walReq: once the record is on disk, the segment holding
@@ -183,7 +184,7 @@ func (w *wal) start(key func() ([8]byte, ed25519.PrivateKey), sealed func(*batch
 func (w *wal) submit(ctx context.Context, enc []byte, leaf [32]byte) (<-chan walAck, error) {
 	done := make(chan walAck, 1)
 	select {
-	case w.reqs <- walReq{enc: enc, leaf: leaf, done: done}:
+	case w.reqs <- walReq{enc: enc, leaf: leaf, queued: time.Now(), done: done}:
 		return done, nil
 	case <-w.stop:
 		return nil, errors.New("receipt journal closed")
@@ -241,9 +242,11 @@ func (w *wal) commitLoop() {
 			}
 		}
 		// Wait for a group to fill, up to one batch: beyond it, neither the
-		// sync nor the signature is shared any further.
-		if w.wait > 0 {
-			linger.Reset(w.wait)
+		// sync nor the signature is shared any further. The wait counts
+		// from when the group's first receipt was queued, so one that
+		// queued behind a sync does not wait again.
+		if left := time.Until(group[0].queued.Add(w.wait)); w.wait > 0 && left > 0 {
+			linger.Reset(left)
 		fill:
 			for len(group) < maxBatch {
 				select {
