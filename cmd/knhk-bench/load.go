@@ -15,7 +15,12 @@ type result struct {
 	p50, p99   time.Duration
 	success    float64 // fraction 0..1
 	throughput float64 // successful req/s
+	sent       uint64  // requests sent
+	good       uint64  // 200s answered within goodBudget
 }
+
+// goodBudget is the latency within which a 200 counts as goodput.
+const goodBudget = 50 * time.Millisecond
 
 // attack sends GET url at a constant rate (open loop: vegeta paces requests
 // regardless of responses) from rotating sticky users.
@@ -29,10 +34,14 @@ func attack(url string, rate int, dur time.Duration) result {
 	}
 	atk := vegeta.NewAttacker(vegeta.Timeout(5*time.Second), vegeta.KeepAlive(true), vegeta.Workers(32), vegeta.Connections(256))
 	var m vegeta.Metrics
+	var good uint64
 	lat := make([]time.Duration, 0, int(float64(rate)*dur.Seconds())+16)
 	for r := range atk.Attack(targeter, vegeta.Rate{Freq: rate, Per: time.Second}, dur, "bench") {
 		m.Add(r)
 		lat = append(lat, r.Latency)
+		if r.Code == http.StatusOK && r.Latency <= goodBudget {
+			good++
+		}
 	}
 	m.Close()
 	slices.Sort(lat)
@@ -42,5 +51,5 @@ func attack(url string, rate int, dur time.Duration) result {
 		}
 		return lat[min(len(lat)-1, int(p*float64(len(lat))))]
 	}
-	return result{p50: q(0.50), p99: q(0.99), success: m.Success, throughput: m.Throughput}
+	return result{p50: q(0.50), p99: q(0.99), success: m.Success, throughput: m.Throughput, sent: m.Requests, good: good}
 }

@@ -2,7 +2,8 @@
 // load (vegeta as a library) through a real Envoy, in one run, for Envoy
 // alone, Envoy + a no-op Go ext_proc server, and Envoy + knhk. It prints
 // p50/p99 at a fixed rate (rounds interleaved, median of rounds), the
-// highest sustained rate of each, and the ratios the targets are set on.
+// highest sustained rate of each, and the ratios the targets are set on;
+// then a capacity sweep (sweep.go) that adds knhk as shipped, with receipts.
 package main
 
 import (
@@ -41,22 +42,34 @@ func main() {
 	dur := flag.Duration("duration", 8*time.Second, "length of each fixed-rate round")
 	rounds := flag.Int("rounds", 3, "interleaved rounds per setup (the median is reported)")
 	maxRates := flag.String("max-rates", "1000,2000,3000,4000,5000,6000,8000", "rates tried when searching the highest sustained rate")
-	step := flag.Duration("step", 4*time.Second, "length of each step of the sustained-rate search")
-	only := flag.String("only", "", "run one part: latency, rollback, false-rollbacks, xds, overload, receipts or mtls (default: all)")
+	sweepRates := flag.String("sweep-rates", "500,1000,1500,2000,3000,4000,6000,8000", "rising rates of the capacity sweep (each setup stops past 4× its highest sustained rate)")
+	step := flag.Duration("step", 4*time.Second, "length of each step of the sustained-rate search and of the capacity sweep")
+	only := flag.String("only", "", "run one part: "+strings.Join(partNames, ", ")+" (default: all)")
 	runs := flag.Int("runs", 20, "runs for the rollback and false-rollback benchmarks")
 	flag.Parse()
-	if err := runAll(*only, *runs, func() error { return run(*rate, *dur, *rounds, parseRates(*maxRates), *step) }); err != nil {
+	// Parsed before anything runs, so a typo fails at once.
+	searchRates, sweep := parseRates("max-rates", *maxRates), parseRates("sweep-rates", *sweepRates)
+	latency := func() error { return run(*rate, *dur, *rounds, searchRates, *step) }
+	capacity := func(bin, work string, logs *harness.LogBuffer) error {
+		return capacitySweep(bin, work, logs, sweep, *step)
+	}
+	if err := runAll(*only, *runs, latency, capacity); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
 }
 
-func parseRates(s string) []int {
+// parseRates parses the comma-separated rates of --name, which must rise.
+func parseRates(name, s string) []int {
 	var out []int
 	for _, f := range strings.Split(s, ",") {
-		n, err := strconv.Atoi(f)
+		n, err := strconv.Atoi(strings.TrimSpace(f))
 		if err != nil || n <= 0 {
-			fmt.Fprintf(os.Stderr, "bench: --max-rates: %q is not a positive integer\n", f)
+			fmt.Fprintf(os.Stderr, "bench: --%s: %q is not a positive integer\n", name, f)
+			os.Exit(2)
+		}
+		if len(out) > 0 && n <= out[len(out)-1] {
+			fmt.Fprintf(os.Stderr, "bench: --%s: %d does not rise above %d\n", name, n, out[len(out)-1])
 			os.Exit(2)
 		}
 		out = append(out, n)
@@ -64,8 +77,12 @@ func parseRates(s string) []int {
 	return out
 }
 
-// runAll runs the latency comparison and the rollout benchmarks.
-func runAll(only string, runs int, latency func() error) error {
+// partNames are the parts of a run, in the order they run.
+var partNames = []string{"latency", "capacity", "rollback", "false-rollbacks", "xds", "overload", "receipts", "mtls"}
+
+// runAll runs the latency comparison, the capacity sweep and the rollout
+// benchmarks.
+func runAll(only string, runs int, latency func() error, capacity func(bin, work string, logs *harness.LogBuffer) error) error {
 	root, err := harness.RepoRoot()
 	if err != nil {
 		return err
@@ -82,6 +99,7 @@ func runAll(only string, runs int, latency func() error) error {
 		f    func() error
 	}{
 		{"latency", latency},
+		{"capacity", func() error { return capacity(bin, work, logs) }},
 		{"rollback", func() error { return rollbackReaction(bin, work, logs, runs) }},
 		{"false-rollbacks", func() error { return falseRollbacks(bin, work, logs, runs) }},
 		{"xds", func() error { return xdsPropagation(bin, work, logs, 100) }},
@@ -101,7 +119,7 @@ func runAll(only string, runs int, latency func() error) error {
 		}
 	}
 	if !ran {
-		return fmt.Errorf("--only %q: want latency, rollback, false-rollbacks, xds, overload, receipts or mtls", only)
+		return fmt.Errorf("--only %q: want one of %s", only, strings.Join(partNames, ", "))
 	}
 	return nil
 }
@@ -119,6 +137,32 @@ func noopServer(addr string) error {
 	defer stop()
 	go func() { <-ctx.Done(); g.Stop() }()
 	return g.Serve(l)
+}
+
+// startNoop starts the no-op ext_proc server (this binary's noop-server
+// mode) on a free loopback address.
+func startNoop(logs *harness.LogBuffer) (*exec.Cmd, string, error) {
+	addr, err := freeAddr()
+	if err != nil {
+		return nil, "", err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return nil, "", err
+	}
+	cmd := exec.Command(self, "noop-server", addr)
+	cmd.Stdout, cmd.Stderr = logs, logs
+	if err := cmd.Start(); err != nil {
+		return nil, "", fmt.Errorf("start the no-op ext_proc server: %w", err)
+	}
+	return cmd, addr, nil
+}
+
+func stopNoop(cmd *exec.Cmd) { _ = cmd.Process.Signal(syscall.SIGTERM); _ = cmd.Wait() }
+
+// machineLine names the machine and date, which every figure depends on.
+func machineLine() string {
+	return fmt.Sprintf("machine: %s/%s, %d CPUs, %s; Envoy 1.40.0; %s", runtime.GOOS, runtime.GOARCH, runtime.NumCPU(), cpuModel(), time.Now().UTC().Format("2006-01-02"))
 }
 
 type setup struct {
@@ -165,17 +209,11 @@ func run(rate int, dur time.Duration, rounds int, maxRates []int, step time.Dura
 	defer func() { _ = knhkStack.Close() }()
 
 	// Envoy alone and Envoy + no-op share knhk's config, re-pointed.
-	noopAddr, err := freeAddr()
+	noop, noopAddr, err := startNoop(logs)
 	if err != nil {
 		return err
 	}
-	self, _ := os.Executable()
-	noop := exec.Command(self, "noop-server", noopAddr)
-	noop.Stdout, noop.Stderr = logs, logs
-	if err := noop.Start(); err != nil {
-		return err
-	}
-	defer func() { _ = noop.Process.Signal(syscall.SIGTERM); _ = noop.Wait() }()
+	defer stopNoop(noop)
 
 	noopURL, noopEnvoy, err := extraEnvoy(bin, work, "noop", knhkStack, noopAddr, false, logs)
 	if err != nil {
@@ -189,7 +227,7 @@ func run(rate int, dur time.Duration, rounds int, maxRates []int, step time.Dura
 	defer func() { _ = aloneEnvoy.Stop() }()
 
 	setups := []setup{{"Envoy alone", aloneURL}, {"Envoy + no-op ext_proc", noopURL}, {"Envoy + knhk", knhkStack.URL}}
-	fmt.Printf("machine: %s/%s, %d CPUs, %s; Envoy 1.40.0; %s\n\n", runtime.GOOS, runtime.GOARCH, runtime.NumCPU(), cpuModel(), time.Now().UTC().Format("2006-01-02"))
+	fmt.Printf("%s\n\n", machineLine())
 
 	// Warm up every path (connections, ext_proc streams, JIT-free but caches).
 	for _, s := range setups {

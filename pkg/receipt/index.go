@@ -15,7 +15,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 )
 
-// index maps receipt ids to their log index and inline signature, on disk
+// index maps receipt ids to their log index and signature (kr1) or batch (kr2), on disk
 // (bbolt), so memory stays flat however many receipts are issued and
 // bundles carry the token after a restart. Writes are batched off the
 // request path: the log, not the index, is what makes a receipt durable.

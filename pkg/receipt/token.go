@@ -102,9 +102,9 @@ func ParseToken(s string) (Token, error) {
 	if len(s) > TokenLen {
 		return t, fmt.Errorf("receipt token: %d bytes, longer than any token (%d)", len(s), TokenLen)
 	}
-	// Strict: a kr2 token's length is not a multiple of 3 bytes, and
-	// without it the unused bits of the last character could be anything,
-	// giving one token many spellings.
+	// Strict: when a token's length is not a multiple of 3 bytes (most kr2
+	// tokens), the last character has unused bits, and without it they
+	// could be anything, giving one token many spellings.
 	raw, err := base64.RawURLEncoding.Strict().DecodeString(rest)
 	if err != nil {
 		return t, fmt.Errorf("receipt token: not base64url: %w", err)
