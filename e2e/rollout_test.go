@@ -84,7 +84,16 @@ func fastRollout(steps []float64, interval time.Duration) func(*config.Config) {
 // TestHealthyRolloutPromotesAndShareFollowsWeight: every step is taken and
 // the canary share at the upstreams matches each step's weight ± 2 points.
 func TestHealthyRolloutPromotesAndShareFollowsWeight(t *testing.T) {
-	s := startStack(t, harness.StackOptions{Weight: 0, Configure: fastRollout([]float64{1, 5, 10, 25, 50, 100}, 5*time.Second)})
+	fast := fastRollout([]float64{1, 5, 10, 25, 50, 100}, 5*time.Second)
+	s := startStack(t, harness.StackOptions{Weight: 0, Configure: func(c *config.Config) {
+		fast(c)
+		// Both upstreams answer at once, so a p99 here is the machine's
+		// hiccups: one run rolled back on 21.9 ms against 10.9 ms, with the
+		// test's 500 ms confirmation seeing the same window twice. This
+		// test is about steps and shares; TestLatencyRegressionRollsBack
+		// judges latency with the default ratio.
+		c.Rollout.MaxP99Ratio = 5
+	}})
 	load := harness.StartLoad(s.URL, 1000, "healthy")
 	mustAction(t, s, "start")
 	v := waitPhase(t, s, "Promoted", 90*time.Second)
