@@ -25,6 +25,9 @@ type BootstrapOptions struct {
 	Delta            bool   // DELTA_GRPC instead of state-of-the-world GRPC
 	FailureModeAllow bool
 	MessageTimeout   time.Duration
+	// KnhkMaxRequests bounds Envoy's concurrent ext_proc streams to knhk
+	// (0: Envoy's default of 1,024).
+	KnhkMaxRequests uint32
 	// SkipExtProc leaves knhk out of the filter chain: Envoy alone, the
 	// baseline `make bench` measures knhk against.
 	SkipExtProc bool
@@ -33,6 +36,7 @@ type BootstrapOptions struct {
 	RouteAttribute      bool
 	PeerAttribute       bool
 	AdaptiveConcurrency bool
+	ReceiptsRequired    bool
 	// SPIFFE, when set, makes Envoy talk mTLS to knhk with its SVID from
 	// the SPIRE agent over SDS.
 	SPIFFE *SPIFFE
@@ -42,7 +46,7 @@ type BootstrapOptions struct {
 // two clusters are static; the version clusters (CDS) and the route table
 // (RDS) come from knhk over one ADS stream, so weight changes need no restart.
 func Bootstrap(o BootstrapOptions) (*bootstrapv3.Bootstrap, error) {
-	knhk, err := KnhkCluster(o.KnhkGRPC)
+	knhk, err := KnhkCluster(o.KnhkGRPC, o.KnhkMaxRequests)
 	if err != nil {
 		return nil, fmt.Errorf("knhk gRPC address: %w", err)
 	}
@@ -77,7 +81,8 @@ func Bootstrap(o BootstrapOptions) (*bootstrapv3.Bootstrap, error) {
 		StaticResources: &bootstrapv3.Bootstrap_StaticResources{
 			Listeners: []*listenerv3.Listener{Listener(o.ListenerAddress, o.ListenerPort,
 				FilterOptions{FailureModeAllow: o.FailureModeAllow, MessageTimeout: o.MessageTimeout, SkipExtProc: o.SkipExtProc,
-					TrustedHeader: o.TrustedHeader, RouteAttribute: o.RouteAttribute, PeerAttribute: o.PeerAttribute, AdaptiveConcurrency: o.AdaptiveConcurrency})},
+					TrustedHeader: o.TrustedHeader, RouteAttribute: o.RouteAttribute, PeerAttribute: o.PeerAttribute, AdaptiveConcurrency: o.AdaptiveConcurrency,
+					ReceiptsRequired: o.ReceiptsRequired})},
 			Clusters: []*clusterv3.Cluster{knhk, xdsCluster},
 		},
 	}

@@ -12,12 +12,14 @@ import (
 	"strings"
 	"time"
 
+	accesslogv3 "github.com/envoyproxy/go-control-plane/envoy/config/accesslog/v3"
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	mutationv3 "github.com/envoyproxy/go-control-plane/envoy/config/common/mutation_rules/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	celfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/filters/cel/v3"
 	adaptivev3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/adaptive_concurrency/v3"
 	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
@@ -43,6 +45,7 @@ const (
 
 	headerVersion = "x-knhk-version"
 	headerPrefix  = "x-knhk-"
+	headerShed    = "x-knhk-shed"
 	// clusterAttribute is read back by extproc to learn the serving version.
 	clusterAttribute = "xds.cluster_name"
 	routeAttribute   = "xds.route_name"
@@ -96,9 +99,23 @@ func UpstreamClusters(u Upstreams) ([]*clusterv3.Cluster, error) {
 	return []*clusterv3.Cluster{s, c}, nil
 }
 
-// KnhkCluster is the HTTP/2 cluster Envoy uses to reach knhk's gRPC listener.
-func KnhkCluster(addr string) (*clusterv3.Cluster, error) {
-	return endpointCluster(ClusterKnhk, []string{addr}, grpcProtocol())
+// KnhkCluster is the HTTP/2 cluster Envoy uses to reach knhk's gRPC
+// listener. maxRequests bounds the ext_proc streams Envoy keeps open to
+// knhk at once (its circuit breaker): past it, Envoy answers a request at
+// once instead of queueing it behind a saturated knhk.
+func KnhkCluster(addr string, maxRequests uint32) (*clusterv3.Cluster, error) {
+	c, err := endpointCluster(ClusterKnhk, []string{addr}, grpcProtocol())
+	if err != nil {
+		return nil, err
+	}
+	if maxRequests > 0 {
+		c.CircuitBreakers = &clusterv3.CircuitBreakers{Thresholds: []*clusterv3.CircuitBreakers_Thresholds{{
+			Priority:           corev3.RoutingPriority_DEFAULT,
+			MaxRequests:        wrapperspb.UInt32(maxRequests),
+			MaxPendingRequests: wrapperspb.UInt32(maxRequests),
+		}}}
+	}
+	return c, nil
 }
 
 // grpcProtocol is HTTP/2, for knhk's gRPC listeners.
@@ -257,6 +274,11 @@ type FilterOptions struct {
 	// AdaptiveConcurrency puts Envoy's own (class-blind) adaptive
 	// concurrency filter in front of the router: a benchmark baseline.
 	AdaptiveConcurrency bool
+	// ReceiptsRequired (fail-closed only): a request Envoy answers itself
+	// because knhk did not (unreachable, too slow, or past the knhk
+	// cluster's circuit breaker) is a 503 x-knhk-shed: receipt, the answer
+	// knhk gives when it cannot log a receipt.
+	ReceiptsRequired bool
 }
 
 // HTTPFilters returns, in order, the ext_proc filter pointing at knhk and
@@ -277,6 +299,11 @@ func HTTPFilters(o FilterOptions) []*hcmv3.HttpFilter {
 		},
 		MessageTimeout:     durationpb.New(o.MessageTimeout),
 		ResponseAttributes: []string{clusterAttribute},
+	}
+	if !o.FailureModeAllow {
+		// Fail-closed, a request knhk did not answer was refused for want of
+		// knhk, not broken by it: 503, as knhk's own sheds are.
+		ext.StatusOnError = &typev3.HttpStatus{Code: typev3.StatusCode_ServiceUnavailable}
 	}
 	if o.RouteAttribute {
 		ext.RequestAttributes = append(ext.RequestAttributes, routeAttribute)
@@ -337,6 +364,9 @@ func Listener(address string, port uint32, f FilterOptions) *listenerv3.Listener
 	}
 	if !f.SkipExtProc {
 		hcm.EarlyHeaderMutationExtensions = []*corev3.TypedExtensionConfig{stripClientHeaders(f.TrustedHeader)}
+		if f.ReceiptsRequired && !f.FailureModeAllow {
+			hcm.LocalReplyConfig = refusedWithoutKnhk()
+		}
 	}
 	return &listenerv3.Listener{
 		Name:    ListenerName,
@@ -348,6 +378,28 @@ func Listener(address string, port uint32, f FilterOptions) *listenerv3.Listener
 			}},
 		}},
 	}
+}
+
+// refusedWithoutKnhk maps Envoy's own answers for ext_proc failures
+// (details "ext_proc_error_...": the gRPC error, the circuit breaker's
+// overflow, the per-message timeout's 504) to knhk's refusal for want of
+// a receipt. knhk's immediate responses carry knhk's own details and
+// x-knhk-shed, so the mapper leaves them alone.
+func refusedWithoutKnhk() *hcmv3.LocalReplyConfig {
+	cel := &celfilterv3.ExpressionFilter{Expression: "response.code_details.startsWith('ext_proc_error')"}
+	return &hcmv3.LocalReplyConfig{Mappers: []*hcmv3.ResponseMapper{{
+		Filter: &accesslogv3.AccessLogFilter{FilterSpecifier: &accesslogv3.AccessLogFilter_ExtensionFilter{
+			ExtensionFilter: &accesslogv3.ExtensionFilter{
+				Name:       "envoy.access_loggers.extension_filters.cel",
+				ConfigType: &accesslogv3.ExtensionFilter_TypedConfig{TypedConfig: mustAny(cel)},
+			},
+		}},
+		StatusCode: wrapperspb.UInt32(503),
+		HeadersToAdd: []*corev3.HeaderValueOption{{
+			Header:       &corev3.HeaderValue{Key: headerShed, Value: "receipt"},
+			AppendAction: corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD,
+		}},
+	}}}
 }
 
 // mustAny wraps a message built in this package; failure is a programming

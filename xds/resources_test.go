@@ -6,7 +6,9 @@ import (
 	"testing"
 	"time"
 
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 )
 
@@ -63,6 +65,12 @@ func TestBootstrap(t *testing.T) {
 			t.Errorf("bootstrap lacks %q", want)
 		}
 	}
+	if strings.Contains(s, "circuit_breakers") || strings.Contains(s, "local_reply_config") {
+		t.Error("a bound or a refusal mapping nobody asked for")
+	}
+	if !strings.Contains(s, "status_on_error") {
+		t.Error("fail-closed bootstrap does not answer 503 when knhk fails")
+	}
 	o.SkipExtProc = true
 	b, _ = Bootstrap(o)
 	y, _ = BootstrapYAML(b)
@@ -72,6 +80,46 @@ func TestBootstrap(t *testing.T) {
 	o.KnhkGRPC = "nope"
 	if _, err := Bootstrap(o); err == nil {
 		t.Fatal("bad knhk address accepted")
+	}
+}
+
+// TestBootstrapBoundsKnhk: the knhk cluster's circuit breaker bounds the
+// streams Envoy opens to knhk, and with receipts required Envoy's own
+// answer to an ext_proc failure is knhk's refusal, 503 x-knhk-shed: receipt.
+func TestBootstrapBoundsKnhk(t *testing.T) {
+	o := BootstrapOptions{
+		ListenerAddress: "127.0.0.1", ListenerPort: 10000, AdminPort: 9901, KnhkGRPC: "127.0.0.1:9002",
+		KnhkXDS: "127.0.0.1:18000", MessageTimeout: 200 * time.Millisecond, KnhkMaxRequests: 64, ReceiptsRequired: true,
+	}
+	b, err := Bootstrap(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var knhk *clusterv3.Cluster
+	for _, c := range b.GetStaticResources().GetClusters() {
+		if c.GetName() == ClusterKnhk {
+			knhk = c
+		}
+	}
+	th := knhk.GetCircuitBreakers().GetThresholds()
+	if len(th) != 1 || th[0].GetMaxRequests().GetValue() != 64 || th[0].GetMaxPendingRequests().GetValue() != 64 {
+		t.Fatalf("knhk cluster thresholds = %v, want max_requests and max_pending_requests 64", th)
+	}
+	var hcm hcmv3.HttpConnectionManager
+	if err := b.GetStaticResources().GetListeners()[0].GetFilterChains()[0].GetFilters()[0].GetTypedConfig().UnmarshalTo(&hcm); err != nil {
+		t.Fatal(err)
+	}
+	m := hcm.GetLocalReplyConfig().GetMappers()
+	if len(m) != 1 || m[0].GetStatusCode().GetValue() != 503 || m[0].GetHeadersToAdd()[0].GetHeader().GetKey() != "x-knhk-shed" ||
+		m[0].GetHeadersToAdd()[0].GetHeader().GetValue() != "receipt" {
+		t.Fatalf("local reply mappers = %v, want ext_proc failures → 503 x-knhk-shed: receipt", m)
+	}
+	// Fail-open serves such a request without knhk: nothing to map.
+	o.FailureModeAllow = true
+	b, _ = Bootstrap(o)
+	_ = b.GetStaticResources().GetListeners()[0].GetFilterChains()[0].GetFilters()[0].GetTypedConfig().UnmarshalTo(&hcm)
+	if hcm.GetLocalReplyConfig() != nil {
+		t.Fatal("fail-open bootstrap maps ext_proc failures to refusals")
 	}
 }
 

@@ -114,7 +114,9 @@ func capacitySweep(bin, work string, logs *harness.LogBuffer, rates []int, step 
 		attack(s.url, rates[0], 2*time.Second)
 		c := &curves[i]
 		for _, r := range rates {
-			if c.failed && r > 4*c.sustained {
+			// Past 4× the highest sustained rate (or the first rate, when
+			// even that failed) the curve says nothing more.
+			if c.failed && r > 4*max(c.sustained, rates[0]) {
 				break
 			}
 			p, err := sweepStep(s, r, step)

@@ -87,11 +87,13 @@ func renderBootstrap(cfg *config.Config, baseline, adaptive bool, sp *xds.SPIFFE
 		Delta:               cfg.Envoy.XDSAPI == "delta",
 		FailureModeAllow:    cfg.Envoy.FailureModeAllow,
 		MessageTimeout:      cfg.Envoy.MessageTimeout.D(),
+		KnhkMaxRequests:     uint32(cfg.Envoy.KnhkMaxRequests),
 		SkipExtProc:         baseline,
 		TrustedHeader:       cfg.Admission.TrustedHeader,
 		RouteAttribute:      usesRoutes(cfg),
 		PeerAttribute:       usesSpiffeIDs(cfg),
 		AdaptiveConcurrency: adaptive,
+		ReceiptsRequired:    cfg.Receipts.Enabled && cfg.Receipts.Required,
 		SPIFFE:              sp,
 	})
 	if err != nil {

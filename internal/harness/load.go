@@ -16,6 +16,7 @@ type Sample struct {
 	Code    uint16    // 0 when the request failed at the transport
 	Version string    // the upstream that answered (its x-upstream header)
 	Receipt string    // x-knhk-receipt, when knhk issued one
+	Shed    string    // x-knhk-shed, on a refusal
 	Latency time.Duration
 }
 
@@ -49,6 +50,7 @@ func StartLoad(url string, rate int, prefix string) *Load {
 			if r.Headers != nil {
 				s.Version = r.Headers.Get("x-upstream")
 				s.Receipt = r.Headers.Get("x-knhk-receipt")
+				s.Shed = r.Headers.Get("x-knhk-shed")
 			}
 			l.mu.Lock()
 			l.samples = append(l.samples, s)

@@ -108,6 +108,11 @@ type Envoy struct {
 	AdminPort        int      `yaml:"admin_port"`
 	FailureModeAllow bool     `yaml:"failure_mode_allow"`
 	MessageTimeout   Duration `yaml:"message_timeout"`
+	// KnhkMaxRequests is the most requests Envoy has in knhk at once (the
+	// knhk cluster's circuit breaker). Past it Envoy answers at once rather
+	// than queue behind a saturated knhk: without knhk when fail-open, or
+	// 503 x-knhk-shed: receipt when fail-closed.
+	KnhkMaxRequests int `yaml:"knhk_max_requests"`
 	// KnhkAddress is where Envoy reaches knhk's gRPC listener, when that is
 	// not listen.grpc as seen from Envoy (another host or container).
 	KnhkAddress string `yaml:"knhk_address"`
@@ -141,6 +146,7 @@ func Default() Config {
 			AdminPort:        9901,
 			FailureModeAllow: true,
 			MessageTimeout:   Duration(200 * time.Millisecond),
+			KnhkMaxRequests:  64,
 			XDSAPI:           "delta",
 		},
 		Rollout: Rollout{
@@ -322,6 +328,9 @@ func (c *Config) validate(file string) error {
 	}
 	if c.Envoy.MessageTimeout <= 0 {
 		return fail("envoy.message_timeout", "must be positive, got %s", c.Envoy.MessageTimeout.D())
+	}
+	if c.Envoy.KnhkMaxRequests < 1 || c.Envoy.KnhkMaxRequests > 1<<20 {
+		return fail("envoy.knhk_max_requests", "must be 1..1048576, got %d", c.Envoy.KnhkMaxRequests)
 	}
 	if c.Envoy.KnhkAddress != "" {
 		if err := checkDialAddr(c.Envoy.KnhkAddress); err != nil {

@@ -68,6 +68,7 @@ func TestErrorsNameFileKeyAndReason(t *testing.T) {
 		{"drain_timeout: -1s\n", "drain_timeout: must not be negative"},
 		{"drain_timeout: soon\n", "config bad.yaml:1: drain_timeout: want a duration like \"5s\" or \"200ms\", got \"soon\""},
 		{"envoy:\n  listener_port: 70000\n", "envoy.listener_port: must be 1..65535"},
+		{"envoy:\n  knhk_max_requests: 0\n", "envoy.knhk_max_requests: must be 1..1048576, got 0"},
 		{"log:\n  level: loud\n", "log.level: \"loud\" is not one of"},
 		{"- a\n- b\n", "the file must be a mapping"},
 		{"canary: [\n", "config bad.yaml: "},
