@@ -35,7 +35,7 @@ import (
 //
 // Without the bound, requests queue behind knhk: at 3,000 req/s the median
 // waited 370 ms and 1 in 11 hit Envoy's message timeout; at 6,000 clients
-// gave up after 5 s.
+// gave up after 5 s, and Envoy's knhk circuit breaker never overflowed.
 func TestOverloadAnswersEveryRequestAtOnce(t *testing.T) {
 	for _, tc := range []struct {
 		required bool
@@ -83,11 +83,10 @@ func TestOverloadAnswersEveryRequestAtOnce(t *testing.T) {
 			if overflow == 0 {
 				t.Error("Envoy never refused a stream to knhk: envoy.knhk_max_requests is not in force")
 			}
-			// Queued requests wait for seconds; answered-at-once ones take
-			// well under one here (0.1-0.4 s p99 measured at 6,000/s).
-			if p99 > 2*time.Second {
-				t.Errorf("p99 %v: requests queued instead of being answered at once", p99)
-			}
+			// No latency bound is asserted: at 6,000 req/s Envoy and the load
+			// generator saturate the two cores, and one run with a build
+			// beside it saw p99 2.7 s with the bound in force. Queueing shows
+			// instead as client timeouts (code 0 above) and no overflow.
 
 			// Afterwards, every request gets its receipt again.
 			err := harness.Poll(30*time.Second, 200*time.Millisecond, func() error {

@@ -146,7 +146,7 @@ func Default() Config {
 			AdminPort:        9901,
 			FailureModeAllow: true,
 			MessageTimeout:   Duration(200 * time.Millisecond),
-			KnhkMaxRequests:  64,
+			KnhkMaxRequests:  128,
 			XDSAPI:           "delta",
 		},
 		Rollout: Rollout{
