@@ -274,10 +274,9 @@ type FilterOptions struct {
 	// AdaptiveConcurrency puts Envoy's own (class-blind) adaptive
 	// concurrency filter in front of the router: a benchmark baseline.
 	AdaptiveConcurrency bool
-	// ReceiptsRequired (fail-closed only): a request Envoy answers itself
-	// because knhk did not (unreachable, too slow, or past the knhk
-	// cluster's circuit breaker) is a 503 x-knhk-shed: receipt, the answer
-	// knhk gives when it cannot log a receipt.
+	// ReceiptsRequired (fail-closed only): the 503 Envoy gives when knhk
+	// did not answer also carries x-knhk-shed: receipt, the answer knhk
+	// gives when it cannot log a receipt.
 	ReceiptsRequired bool
 }
 
@@ -300,11 +299,7 @@ func HTTPFilters(o FilterOptions) []*hcmv3.HttpFilter {
 		MessageTimeout:     durationpb.New(o.MessageTimeout),
 		ResponseAttributes: []string{clusterAttribute},
 	}
-	if !o.FailureModeAllow {
-		// Fail-closed, a request knhk did not answer was refused for want of
-		// knhk, not broken by it: 503, as knhk's own sheds are.
-		ext.StatusOnError = &typev3.HttpStatus{Code: typev3.StatusCode_ServiceUnavailable}
-	}
+
 	if o.RouteAttribute {
 		ext.RequestAttributes = append(ext.RequestAttributes, routeAttribute)
 	}
@@ -364,8 +359,8 @@ func Listener(address string, port uint32, f FilterOptions) *listenerv3.Listener
 	}
 	if !f.SkipExtProc {
 		hcm.EarlyHeaderMutationExtensions = []*corev3.TypedExtensionConfig{stripClientHeaders(f.TrustedHeader)}
-		if f.ReceiptsRequired && !f.FailureModeAllow {
-			hcm.LocalReplyConfig = refusedWithoutKnhk()
+		if !f.FailureModeAllow {
+			hcm.LocalReplyConfig = refusedWithoutKnhk(f.ReceiptsRequired)
 		}
 	}
 	return &listenerv3.Listener{
@@ -380,27 +375,38 @@ func Listener(address string, port uint32, f FilterOptions) *listenerv3.Listener
 	}
 }
 
-// refusedWithoutKnhk maps Envoy's own answers for ext_proc failures
-// (details "ext_proc_error_...": the gRPC error, the circuit breaker's
-// overflow, the per-message timeout's 504) to knhk's refusal for want of
-// a receipt. knhk's immediate responses carry knhk's own details and
-// x-knhk-shed, so the mapper leaves them alone.
-func refusedWithoutKnhk() *hcmv3.LocalReplyConfig {
-	cel := &celfilterv3.ExpressionFilter{Expression: "response.code_details.startsWith('ext_proc_error')"}
-	return &hcmv3.LocalReplyConfig{Mappers: []*hcmv3.ResponseMapper{{
+// knhkUnanswered matches Envoy's own replies when knhk did not answer:
+// details "ext_proc_error_gRPC_error_N{...}" (knhk unreachable, a reset,
+// the circuit breaker's overflow) and "ext_proc_error_per-message_timeout
+// _exceeded". knhk's immediate responses carry knhk_* details, and the
+// errors Envoy answers with status_on_error (a header mutation it
+// rejected) have no such prefix: both stay as they are.
+const knhkUnanswered = "response.code_details.startsWith('ext_proc_error')"
+
+// refusedWithoutKnhk (fail-closed) makes those replies 503, a refusal the
+// client may retry, instead of a 500 or 504; with receipts required they
+// also carry x-knhk-shed: receipt, as knhk's own refusal does.
+func refusedWithoutKnhk(receiptsRequired bool) *hcmv3.LocalReplyConfig {
+	cel := &celfilterv3.ExpressionFilter{Expression: knhkUnanswered}
+	m := &hcmv3.ResponseMapper{
 		Filter: &accesslogv3.AccessLogFilter{FilterSpecifier: &accesslogv3.AccessLogFilter_ExtensionFilter{
 			ExtensionFilter: &accesslogv3.ExtensionFilter{
-				Name:       "envoy.access_loggers.extension_filters.cel",
+				Name:       celFilterName,
 				ConfigType: &accesslogv3.ExtensionFilter_TypedConfig{TypedConfig: mustAny(cel)},
 			},
 		}},
 		StatusCode: wrapperspb.UInt32(503),
-		HeadersToAdd: []*corev3.HeaderValueOption{{
+	}
+	if receiptsRequired {
+		m.HeadersToAdd = []*corev3.HeaderValueOption{{
 			Header:       &corev3.HeaderValue{Key: headerShed, Value: "receipt"},
 			AppendAction: corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD,
-		}},
-	}}}
+		}}
+	}
+	return &hcmv3.LocalReplyConfig{Mappers: []*hcmv3.ResponseMapper{m}}
 }
+
+const celFilterName = "envoy.access_loggers.extension_filters.cel"
 
 // mustAny wraps a message built in this package; failure is a programming
 // error, never input-dependent.

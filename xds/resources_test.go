@@ -8,6 +8,8 @@ import (
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	celfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/filters/cel/v3"
+	extprocfilterv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_proc/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 )
@@ -65,11 +67,8 @@ func TestBootstrap(t *testing.T) {
 			t.Errorf("bootstrap lacks %q", want)
 		}
 	}
-	if strings.Contains(s, "circuit_breakers") || strings.Contains(s, "local_reply_config") {
-		t.Error("a bound or a refusal mapping nobody asked for")
-	}
-	if !strings.Contains(s, "status_on_error") {
-		t.Error("fail-closed bootstrap does not answer 503 when knhk fails")
+	if strings.Contains(s, "circuit_breakers") || strings.Contains(s, "x-knhk-shed") {
+		t.Error("a bound or a receipt refusal nobody asked for")
 	}
 	o.SkipExtProc = true
 	b, _ = Bootstrap(o)
@@ -84,42 +83,75 @@ func TestBootstrap(t *testing.T) {
 }
 
 // TestBootstrapBoundsKnhk: the knhk cluster's circuit breaker bounds the
-// streams Envoy opens to knhk, and with receipts required Envoy's own
-// answer to an ext_proc failure is knhk's refusal, 503 x-knhk-shed: receipt.
+// streams Envoy opens to knhk when asked to; fail-closed, Envoy's own
+// reply when knhk did not answer is a 503, with x-knhk-shed: receipt when
+// receipts are required; fail-open maps nothing.
 func TestBootstrapBoundsKnhk(t *testing.T) {
 	o := BootstrapOptions{
 		ListenerAddress: "127.0.0.1", ListenerPort: 10000, AdminPort: 9901, KnhkGRPC: "127.0.0.1:9002",
 		KnhkXDS: "127.0.0.1:18000", MessageTimeout: 200 * time.Millisecond, KnhkMaxRequests: 64, ReceiptsRequired: true,
 	}
-	b, err := Bootstrap(o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var knhk *clusterv3.Cluster
-	for _, c := range b.GetStaticResources().GetClusters() {
-		if c.GetName() == ClusterKnhk {
-			knhk = c
+	parts := func(o BootstrapOptions) (*clusterv3.Cluster, *hcmv3.HttpConnectionManager) {
+		t.Helper()
+		b, err := Bootstrap(o)
+		if err != nil {
+			t.Fatal(err)
 		}
+		var knhk *clusterv3.Cluster
+		for _, c := range b.GetStaticResources().GetClusters() {
+			if c.GetName() == ClusterKnhk {
+				knhk = c
+			}
+		}
+		var hcm hcmv3.HttpConnectionManager
+		if err := b.GetStaticResources().GetListeners()[0].GetFilterChains()[0].GetFilters()[0].GetTypedConfig().UnmarshalTo(&hcm); err != nil {
+			t.Fatal(err)
+		}
+		return knhk, &hcm
 	}
+	mapper := func(hcm *hcmv3.HttpConnectionManager) *hcmv3.ResponseMapper {
+		t.Helper()
+		m := hcm.GetLocalReplyConfig().GetMappers()
+		if len(m) != 1 {
+			t.Fatalf("local reply mappers = %v, want one", m)
+		}
+		ext := m[0].GetFilter().GetExtensionFilter()
+		var cel celfilterv3.ExpressionFilter
+		if err := ext.GetTypedConfig().UnmarshalTo(&cel); err != nil || ext.GetName() != "envoy.access_loggers.extension_filters.cel" ||
+			cel.GetExpression() != "response.code_details.startsWith('ext_proc_error')" {
+			t.Fatalf("mapper filter = %v (%v)", ext, err)
+		}
+		if m[0].GetStatusCode().GetValue() != 503 {
+			t.Fatalf("mapper status = %v, want 503", m[0].GetStatusCode())
+		}
+		return m[0]
+	}
+
+	knhk, hcm := parts(o)
 	th := knhk.GetCircuitBreakers().GetThresholds()
 	if len(th) != 1 || th[0].GetMaxRequests().GetValue() != 64 || th[0].GetMaxPendingRequests().GetValue() != 64 {
 		t.Fatalf("knhk cluster thresholds = %v, want max_requests and max_pending_requests 64", th)
 	}
-	var hcm hcmv3.HttpConnectionManager
-	if err := b.GetStaticResources().GetListeners()[0].GetFilterChains()[0].GetFilters()[0].GetTypedConfig().UnmarshalTo(&hcm); err != nil {
-		t.Fatal(err)
+	if h := mapper(hcm).GetHeadersToAdd(); len(h) != 1 || h[0].GetHeader().GetKey() != "x-knhk-shed" || h[0].GetHeader().GetValue() != "receipt" {
+		t.Fatalf("receipts required: headers %v, want x-knhk-shed: receipt", h)
 	}
-	m := hcm.GetLocalReplyConfig().GetMappers()
-	if len(m) != 1 || m[0].GetStatusCode().GetValue() != 503 || m[0].GetHeadersToAdd()[0].GetHeader().GetKey() != "x-knhk-shed" ||
-		m[0].GetHeadersToAdd()[0].GetHeader().GetValue() != "receipt" {
-		t.Fatalf("local reply mappers = %v, want ext_proc failures → 503 x-knhk-shed: receipt", m)
+	var ext extprocfilterv3.ExternalProcessor
+	if err := hcm.GetHttpFilters()[0].GetTypedConfig().UnmarshalTo(&ext); err != nil || ext.GetStatusOnError() != nil {
+		t.Fatalf("status_on_error = %v (%v): Envoy's other ext_proc errors must stay 500", ext.GetStatusOnError(), err)
 	}
-	// Fail-open serves such a request without knhk: nothing to map.
+
+	o.ReceiptsRequired, o.KnhkMaxRequests = false, 0
+	knhk, hcm = parts(o)
+	if knhk.GetCircuitBreakers() != nil {
+		t.Fatal("a circuit breaker nobody asked for: Envoy's default must stay")
+	}
+	if h := mapper(hcm).GetHeadersToAdd(); len(h) != 0 {
+		t.Fatalf("receipts not required: headers %v", h)
+	}
+
 	o.FailureModeAllow = true
-	b, _ = Bootstrap(o)
-	_ = b.GetStaticResources().GetListeners()[0].GetFilterChains()[0].GetFilters()[0].GetTypedConfig().UnmarshalTo(&hcm)
-	if hcm.GetLocalReplyConfig() != nil {
-		t.Fatal("fail-open bootstrap maps ext_proc failures to refusals")
+	if _, hcm = parts(o); hcm.GetLocalReplyConfig() != nil {
+		t.Fatal("fail-open bootstrap maps replies: it serves such requests without knhk")
 	}
 }
 

@@ -13,6 +13,10 @@ import (
 	"github.com/knhk/knhk/pkg/config"
 )
 
+// sweepMaxRequests is envoy.knhk_max_requests in the sweep: 2,500 req/s ×
+// ~25 ms of ext_proc and upstream time at saturation.
+const sweepMaxRequests = 64
+
 // The rates the capacity table reports p99, p50 and CPU at (issue 11's).
 const (
 	sweepP99Rate = 1500
@@ -64,9 +68,16 @@ func capacitySweep(bin, work string, logs *harness.LogBuffer, rates []int, step 
 		return err
 	}
 	defer up.Close()
+	// Every ext_proc setup gets the same knhk_max_requests, sized for this
+	// instant upstream (README "Overload"); the no-op's Envoy copies off's.
 	mk := func(name string, configure func(*config.Config)) (*harness.Stack, error) {
 		return harness.StartStack(harness.StackOptions{BinDir: bin, Dir: filepath.Join(work, name), Weight: 20, Logs: logs,
-			StableAddr: up.Addr, CanaryAddr: up.Addr, Configure: configure})
+			StableAddr: up.Addr, CanaryAddr: up.Addr, Configure: func(c *config.Config) {
+				c.Envoy.KnhkMaxRequests = sweepMaxRequests
+				if configure != nil {
+					configure(c)
+				}
+			}})
 	}
 	off, err := mk("capacity-receipts-off", func(c *config.Config) { c.Receipts.Enabled = false })
 	if err != nil {
@@ -103,8 +114,8 @@ func capacitySweep(bin, work string, logs *harness.LogBuffer, rates []int, step 
 	offIdx, shippedIdx := 2, 3
 
 	fmt.Printf("\n%s\n", machineLine())
-	fmt.Printf("capacity sweep: open loop, %s steps at %s req/s, sticky x-user-id; sustained = achieved ≥ 97%% of offered, ≥ 99.9%% 200s, p99 < 50 ms; goodput = 200s within %s per second; CPU/req = the ext_proc server's utime+stime over the step ÷ requests sent\n",
-		step, joinInts(rates), goodBudget)
+	fmt.Printf("capacity sweep: open loop, %s steps at %s req/s, sticky x-user-id; sustained = achieved ≥ 97%% of offered, ≥ 99.9%% 200s, p99 < 50 ms; goodput = 200s within %s per second; CPU/req = the ext_proc server's utime+stime over the step ÷ requests sent; envoy.knhk_max_requests %d on every ext_proc setup\n",
+		step, joinInts(rates), goodBudget, sweepMaxRequests)
 	curves := make([]sweepCurve, len(setups))
 	for i, s := range setups {
 		// settle, then a discarded step at the first rate, warms the path

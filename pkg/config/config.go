@@ -108,10 +108,13 @@ type Envoy struct {
 	AdminPort        int      `yaml:"admin_port"`
 	FailureModeAllow bool     `yaml:"failure_mode_allow"`
 	MessageTimeout   Duration `yaml:"message_timeout"`
-	// KnhkMaxRequests is the most requests Envoy has in knhk at once (the
-	// knhk cluster's circuit breaker). Past it Envoy answers at once rather
-	// than queue behind a saturated knhk: without knhk when fail-open, or
-	// 503 x-knhk-shed: receipt when fail-closed.
+	// KnhkMaxRequests is the knhk cluster's circuit breaker: the most
+	// ext_proc streams one Envoy keeps open to knhk. A stream lasts the
+	// whole request, upstream time included, so size it as peak requests
+	// per second per Envoy × (upstream p99 + knhk's p99), with headroom.
+	// Past it Envoy answers at once rather than queue behind a saturated
+	// knhk: without knhk when fail-open, 503 when fail-closed. 0: Envoy's
+	// default (1,024).
 	KnhkMaxRequests int `yaml:"knhk_max_requests"`
 	// KnhkAddress is where Envoy reaches knhk's gRPC listener, when that is
 	// not listen.grpc as seen from Envoy (another host or container).
@@ -146,7 +149,6 @@ func Default() Config {
 			AdminPort:        9901,
 			FailureModeAllow: true,
 			MessageTimeout:   Duration(200 * time.Millisecond),
-			KnhkMaxRequests:  128,
 			XDSAPI:           "delta",
 		},
 		Rollout: Rollout{
@@ -329,8 +331,13 @@ func (c *Config) validate(file string) error {
 	if c.Envoy.MessageTimeout <= 0 {
 		return fail("envoy.message_timeout", "must be positive, got %s", c.Envoy.MessageTimeout.D())
 	}
-	if c.Envoy.KnhkMaxRequests < 1 || c.Envoy.KnhkMaxRequests > 1<<20 {
-		return fail("envoy.knhk_max_requests", "must be 1..1048576, got %d", c.Envoy.KnhkMaxRequests)
+	if c.Envoy.KnhkMaxRequests < 0 || c.Envoy.KnhkMaxRequests > 1<<20 {
+		return fail("envoy.knhk_max_requests", "must be 0 (Envoy's default) to 1048576, got %d", c.Envoy.KnhkMaxRequests)
+	}
+	if n := c.Envoy.KnhkMaxRequests; n > 0 && c.Admission.Enabled && n <= c.Admission.Limiter.Max {
+		// The breaker is blind to classes: below the admission limit it
+		// would refuse R1 as readily as C1, before knhk sheds by class.
+		return fail("envoy.knhk_max_requests", "%d is not above admission.limiter.max (%d): Envoy would refuse requests without regard to class before knhk's admission sheds by class; raise it or leave it 0", n, c.Admission.Limiter.Max)
 	}
 	if c.Envoy.KnhkAddress != "" {
 		if err := checkDialAddr(c.Envoy.KnhkAddress); err != nil {
