@@ -17,6 +17,7 @@ usage:
   knhk status [--watch] [--json] [--admin HOST:PORT|URL]
   knhk capacity [--json] [--admin HOST:PORT|URL]
   knhk receipt verify [--keys FILE|URL] [--bundle FILE|URL] [--admin HOST:PORT|URL] [--wait DURATION] [TOKEN]
+  knhk region policy [--admin HOST:PORT|URL]
   knhk version
 
 --admin (default $KNHK_ADMIN, then 127.0.0.1:9090) is the admin API: host:port or http(s)://host:port.
@@ -46,6 +47,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return capacityCmd(args[1:], stdout, stderr)
 	case "receipt":
 		return receiptCmd(args[1:], stdout, stderr)
+	case "region":
+		return regionCmd(args[1:], stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "knhk", version)
 		return 0

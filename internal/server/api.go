@@ -34,6 +34,8 @@ func (s *Server) adminMux() *http.ServeMux {
 	mux.HandleFunc("GET /v1/keys", s.handleKeys)
 	mux.HandleFunc("POST /v1/keys/refresh", s.handleKeysRefresh)
 	mux.HandleFunc("GET /v1/consistency", s.handleConsistency)
+	mux.HandleFunc("GET /v1/region/evidence", s.handleEvidence)
+	mux.HandleFunc("GET /v1/region/policy", s.handlePolicy)
 	if s.config().Debug.Pprof {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)

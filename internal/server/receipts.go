@@ -128,6 +128,11 @@ func (s *Server) handleCheckpoint(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleKeys(w http.ResponseWriter, _ *http.Request) {
+	if s.receipts == nil && s.region != nil {
+		// A region that only witnesses still publishes its witness key.
+		writeJSON(w, http.StatusOK, map[string]string{"witness_verifier_key": s.region.key.Verifier})
+		return
+	}
 	if s.receiptsOff(w) {
 		return
 	}
@@ -136,7 +141,16 @@ func (s *Server) handleKeys(w http.ResponseWriter, _ *http.Request) {
 		s.internalError(w, "listing the keys", err)
 		return
 	}
-	writeJSON(w, http.StatusOK, k)
+	var witness string
+	if s.region != nil {
+		witness = s.region.key.Verifier
+	}
+	// The witness key sits beside the log's checkpoint keys, so an operator
+	// copies both into the peers' region.peers[] entry.
+	writeJSON(w, http.StatusOK, struct {
+		receipt.PublishedKeys
+		WitnessVerifierKey string `json:"witness_verifier_key,omitempty"`
+	}{k, witness})
 }
 
 // handleKeysRefresh serves POST /v1/keys/refresh: pick up a KMS key

@@ -71,6 +71,9 @@ type Server struct {
 	limiters [3]*admission.Limiter // by canary.Version; kept across reloads
 	receipts *receipt.Service      // nil unless receipts.enabled
 	identity identity.Source       // nil unless identity.trust_domain
+	region   *regionParts          // nil unless listen.region
+	// regionPolicy is set while opening receipts, before region exists.
+	regionPolicy []byte
 }
 
 // openIdentity opens the SVID source and exports its expiry.
@@ -128,7 +131,13 @@ func (s *Server) openReceipts(cfg *config.Config) error {
 			func() float64 { return float64(counted.Failures()) }))
 	signer = counted
 	host, _ := os.Hostname()
-	s.receipts, err = receipt.OpenService(s.ctx, filepath.Join(cfg.DataDir, "receipts"), cfg.Receipts.ServiceConfig(host), signer, s.log)
+	sc := cfg.Receipts.ServiceConfig(host)
+	if cfg.RegionEnabled() {
+		if sc.Witnessing, err = s.witnessing(cfg, signer); err != nil {
+			return err
+		}
+	}
+	s.receipts, err = receipt.OpenService(s.ctx, filepath.Join(cfg.DataDir, "receipts"), sc, signer, s.log)
 	if err != nil {
 		return fmt.Errorf("receipts: %w", err)
 	}
@@ -216,6 +225,12 @@ func New(cfg config.Config, log *slog.Logger) (_ *Server, err error) {
 	}
 	s.extproc.SetAdmission(adm)
 	s.reg.MustRegister(&admissionCollector{s: s})
+	// Identity first: the receipt log reaches peer regions over mTLS.
+	if cfg.Identity.Enabled() {
+		if err := s.openIdentity(&cfg); err != nil {
+			return nil, err
+		}
+	}
 	if cfg.Receipts.Enabled {
 		if err := s.openReceipts(&cfg); err != nil {
 			return nil, err
@@ -245,9 +260,6 @@ func New(cfg config.Config, log *slog.Logger) (_ *Server, err error) {
 	var extprocTLS, xdsTLS []grpc.ServerOption
 	var adminTLSConfig *tls.Config
 	if cfg.Identity.Enabled() {
-		if err := s.openIdentity(&cfg); err != nil {
-			return nil, err
-		}
 		td := spiffeid.RequireTrustDomainFromString(cfg.Identity.TrustDomain)
 		creds := func(key string, ids []string) (*tls.Config, error) {
 			allowed, err := identity.ParseAllowed(key, td, ids)
@@ -289,6 +301,11 @@ func New(cfg config.Config, log *slog.Logger) (_ *Server, err error) {
 	}
 	if adminTLSConfig != nil {
 		s.adminLis = tls.NewListener(s.adminLis, adminTLSConfig)
+	}
+	if cfg.RegionEnabled() {
+		if err := s.openRegion(&cfg); err != nil {
+			return nil, err
+		}
 	}
 	s.admin = &http.Server{Handler: s.adminMux(), ReadHeaderTimeout: 5 * time.Second}
 	return s, nil
@@ -365,7 +382,7 @@ func (s *Server) AdminAddr() string { return s.adminLis.Addr().String() }
 // Serve runs until ctx is cancelled, then drains: it stops accepting, lets
 // open streams finish for up to drain_timeout, and returns nil.
 func (s *Server) Serve(ctx context.Context) error {
-	errc := make(chan error, 3)
+	errc := make(chan error, 4)
 	go func() { errc <- s.grpc.Serve(s.grpcLis) }()
 	go func() { errc <- s.xdsGRPC.Serve(s.xdsLis) }()
 	go func() {
@@ -373,6 +390,13 @@ func (s *Server) Serve(ctx context.Context) error {
 			errc <- err
 		}
 	}()
+	if s.region != nil {
+		go func() {
+			if err := s.region.http.Serve(s.region.lis); !errors.Is(err, http.ErrServerClosed) {
+				errc <- err
+			}
+		}()
+	}
 	go s.rollout.Run(s.ctx)
 	if s.receipts != nil {
 		go s.receipts.Run(s.ctx)
@@ -382,7 +406,7 @@ func (s *Server) Serve(ctx context.Context) error {
 	s.health.SetServingStatus(extprocv3.ExternalProcessor_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 	s.ready.Store(true)
 	st := s.rollout.State()
-	s.log.Info("knhk serving", "grpc", s.GRPCAddr(), "xds", s.XDSAddr(), "admin", s.AdminAddr(),
+	s.log.Info("knhk serving", "grpc", s.GRPCAddr(), "xds", s.XDSAddr(), "admin", s.AdminAddr(), "region", s.RegionAddr(),
 		"rollout_phase", st.Phase, "canary_weight", st.Weight, "data_dir", s.config().DataDir)
 
 	select {
@@ -392,6 +416,9 @@ func (s *Server) Serve(ctx context.Context) error {
 		s.grpc.Stop()
 		s.xdsGRPC.Stop()
 		_ = s.admin.Close()
+		if s.region != nil {
+			_ = s.region.http.Close()
+		}
 		s.close()
 		return fmt.Errorf("listener failed: %w", err)
 	}
@@ -423,6 +450,9 @@ func (s *Server) drain() error {
 	ctx, cancel := context.WithTimeout(context.Background(), min(time.Second, time.Until(deadline)))
 	defer cancel()
 	_ = s.admin.Shutdown(ctx)
+	if s.region != nil {
+		_ = s.region.http.Shutdown(ctx)
+	}
 	s.closeBy(deadline)
 	s.log.Info("stopped")
 	return nil
@@ -447,6 +477,12 @@ func (s *Server) closeBy(deadline time.Time) {
 	}
 	if s.store != nil {
 		_ = s.store.Close()
+	}
+	if s.region != nil {
+		if s.region.lis != nil {
+			_ = s.region.lis.Close()
+		}
+		_ = s.region.witness.Close()
 	}
 	if s.receipts != nil {
 		// At least a moment, so the index and the journal close cleanly.
@@ -524,8 +560,9 @@ func (s *Server) reload(next config.Config) error {
 		return err
 	}
 	s.log.Info("config reloaded", "idle_weight", next.Canary.Weight, "weight", s.rollout.Weight())
-	if next.Listen != prev.Listen || next.DataDir != prev.DataDir || fmt.Sprint(next.Rollout) != fmt.Sprint(prev.Rollout) {
-		s.log.Warn("config reload: listen, data_dir and rollout changes take effect only after a restart")
+	if next.Listen != prev.Listen || next.DataDir != prev.DataDir || fmt.Sprint(next.Rollout) != fmt.Sprint(prev.Rollout) ||
+		fmt.Sprint(next.Region) != fmt.Sprint(prev.Region) {
+		s.log.Warn("config reload: listen, data_dir, rollout and region changes take effect only after a restart")
 	}
 	return nil
 }

@@ -35,6 +35,7 @@ type Config struct {
 	Capacity    Capacity        `yaml:"capacity"`
 	Receipts    Receipts        `yaml:"receipts"`
 	Identity    Identity        `yaml:"identity"`
+	Region      Region          `yaml:"region"`
 	Debug       Debug           `yaml:"debug"`
 }
 
@@ -86,6 +87,8 @@ type Listen struct {
 	GRPC  string `yaml:"grpc"`  // ext_proc + health
 	XDS   string `yaml:"xds"`   // ADS for Envoy (SotW and delta)
 	Admin string `yaml:"admin"` // /healthz, /readyz, /metrics, /v1/...
+	// Region serves the C2SP witness API to peer regions (empty: off).
+	Region string `yaml:"region"`
 }
 
 // Upstreams are the host:port endpoints of each version.
@@ -373,6 +376,9 @@ func (c *Config) validate(file string) error {
 		return err
 	}
 	if err := c.Identity.validate(fail); err != nil {
+		return err
+	}
+	if err := c.validateRegion(fail); err != nil {
 		return err
 	}
 	if c.Envoy.RouteTimeout < 0 {

@@ -10,6 +10,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"slices"
 	"sync/atomic"
@@ -146,6 +147,17 @@ type LogOptions struct {
 	BatchMaxSize       uint          // default 8192
 	BatchMaxAge        time.Duration // default 250 ms: the most an entry waits for its batch
 	CheckpointInterval time.Duration // default 5 s: KMS signs per interval, not per request
+	Witnessing
+}
+
+// Witnessing asks peer witnesses to cosign each checkpoint before it is
+// published (tessera's WithWitnesses). Publication waits at most Timeout
+// and then goes ahead with the cosignatures that came back: a down peer
+// delays its cosignature, never a checkpoint, and never a receipt.
+type Witnessing struct {
+	Witnesses *tessera.WitnessGroup // nil: no witnessing
+	Timeout   time.Duration         // default tessera's
+	Client    *http.Client          // to reach the witnesses (mTLS under identity); nil: net/http's
 }
 
 // OpenLog opens (or creates) the log in dir; vkeys are the verifier keys
@@ -170,7 +182,7 @@ func OpenLog(ctx context.Context, dir string, signer *NoteSigner, vkeys []string
 	// Tessera's integration and checkpointing run for as long as the
 	// appender's context: give it one that Close ends.
 	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	driver, err := posix.New(bg, posix.Config{Path: dir})
+	driver, err := posix.New(bg, posix.Config{Path: dir, HTTPClient: o.Client})
 	if err != nil {
 		cancel()
 		return nil, fmt.Errorf("receipt log %s: %w", dir, err)
@@ -179,6 +191,9 @@ func OpenLog(ctx context.Context, dir string, signer *NoteSigner, vkeys []string
 		WithCheckpointSigner(signer).
 		WithBatching(o.BatchMaxSize, o.BatchMaxAge).
 		WithCheckpointInterval(o.CheckpointInterval)
+	if o.Witnesses != nil {
+		opts = opts.WithWitnesses(*o.Witnesses, &tessera.WitnessOptions{Timeout: o.Timeout, FailOpen: true})
+	}
 	appender, shutdown, reader, err := tessera.NewAppender(bg, driver, opts)
 	if err != nil {
 		cancel()
@@ -336,6 +351,11 @@ func (l *Log) ConsistencyProof(ctx context.Context, smaller, larger, size uint64
 	if smaller > larger || larger > size {
 		return nil, fmt.Errorf("%w: want from ≤ to ≤ %d (the latest checkpoint), got from %d and to %d", ErrBadRange, size, smaller, larger)
 	}
+	if smaller == 0 {
+		// Every tree extends the empty one: the proof is empty (merkle
+		// v0.0.3 refuses to build it).
+		return [][]byte{}, nil
+	}
 	pb, err := client.NewProofBuilder(ctx, size, l.reader.ReadTile)
 	if err != nil {
 		return nil, err
@@ -345,5 +365,11 @@ func (l *Log) ConsistencyProof(ctx context.Context, smaller, larger, size uint64
 
 // VerifyConsistency checks a consistency proof between two roots.
 func VerifyConsistency(size1, size2 uint64, p [][]byte, root1, root2 []byte) error {
+	if size1 == 0 {
+		if len(p) != 0 {
+			return errors.New("a consistency proof from the empty tree must be empty")
+		}
+		return nil
+	}
 	return proof.VerifyConsistency(rfc6962.DefaultHasher, size1, size2, p, root1, root2)
 }

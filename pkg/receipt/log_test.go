@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/transparency-dev/merkle/compact"
-	"github.com/transparency-dev/merkle/proof"
 	"github.com/transparency-dev/merkle/rfc6962"
 
 	"github.com/knhk/knhk/pkg/kms"
@@ -242,7 +241,7 @@ func TestConsistencyBetweenAnySizes(t *testing.T) {
 				if err != nil {
 					t.Fatalf("tree of %d: consistency %d → %d: %v", published, from, to, err)
 				}
-				if err := proof.VerifyConsistency(rfc6962.DefaultHasher, from, to, p, root(from), root(to)); err != nil {
+				if err := VerifyConsistency(from, to, p, root(from), root(to)); err != nil {
 					t.Fatalf("tree of %d: consistency %d → %d does not verify: %v", published, from, to, err)
 				}
 			}

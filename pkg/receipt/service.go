@@ -33,6 +33,8 @@ type ServiceConfig struct {
 	// KMSRefresh is how often a rotatable KMS key (kms.Versioned) is asked
 	// for its latest version (default 1 min; 0 uses the default).
 	KMSRefresh time.Duration
+	// Witnessing: peer regions that cosign each checkpoint.
+	Witnessing Witnessing
 }
 
 // Service issues receipts: it owns the delegated keys, the log, the KMS
@@ -128,7 +130,7 @@ func OpenService(ctx context.Context, dir string, cfg ServiceConfig, signer kms.
 		return nil, err
 	}
 	s.rlog, err = OpenLog(ctx, filepath.Join(dir, "log"), s.notes, s.verifierKeys(),
-		LogOptions{CheckpointInterval: cfg.CheckpointInterval, BatchMaxAge: cfg.BatchMaxAge})
+		LogOptions{CheckpointInterval: cfg.CheckpointInterval, BatchMaxAge: cfg.BatchMaxAge, Witnessing: cfg.Witnessing})
 	if err != nil {
 		return nil, err
 	}

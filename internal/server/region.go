@@ -1,0 +1,164 @@
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"path/filepath"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/transparency-dev/tessera"
+
+	"github.com/knhk/knhk/pkg/config"
+	"github.com/knhk/knhk/pkg/identity"
+	"github.com/knhk/knhk/pkg/kms"
+	"github.com/knhk/knhk/pkg/receipt"
+	"github.com/knhk/knhk/pkg/region"
+)
+
+// regionParts are what listen.region runs: this region's witness of its
+// peers' logs, and the listener the peers push checkpoints to.
+type regionParts struct {
+	policy  []byte // this region's witness policy, for GET /v1/region/policy
+	witness *region.Witness
+	key     *region.Cosigner
+	lis     net.Listener
+	http    *http.Server
+}
+
+// openRegion opens the witness and binds listen.region: mTLS that admits
+// only the peers' SPIFFE IDs under identity, loopback plaintext otherwise
+// (config validation refuses anything else).
+func (s *Server) openRegion(cfg *config.Config) error {
+	keyPath := cfg.Region.WitnessKey
+	if keyPath == "" {
+		keyPath = filepath.Join(cfg.DataDir, "witness.key")
+	}
+	key, err := region.LoadOrCreateKey(keyPath, cfg.Region.Name)
+	if err != nil {
+		return fmt.Errorf("region.witness_key: %w", err)
+	}
+	var logs []string
+	for _, p := range cfg.Region.Peers {
+		logs = append(logs, p.LogKeys...)
+	}
+	w, err := region.NewWitness(s.ctx, region.WitnessOptions{
+		Key: key, Logs: logs, Path: filepath.Join(cfg.DataDir, "witness.db"), Log: s.log, Metrics: s.reg,
+	})
+	if err != nil {
+		return fmt.Errorf("region: %w", err)
+	}
+	r := &regionParts{witness: w, key: key, policy: s.regionPolicy}
+	s.region = r
+	if r.lis, err = net.Listen("tcp", cfg.Listen.Region); err != nil {
+		return fmt.Errorf("listen.region %s: %w", cfg.Listen.Region, err)
+	}
+	if cfg.Identity.Enabled() {
+		ids := make([]string, 0, len(cfg.Region.Peers))
+		for _, p := range cfg.Region.Peers {
+			ids = append(ids, p.SpiffeID)
+		}
+		allowed, err := identity.ParseAllowed("region.peers[].spiffe_id", spiffeid.RequireTrustDomainFromString(cfg.Identity.TrustDomain), ids)
+		if err != nil {
+			return err
+		}
+		r.lis = tls.NewListener(r.lis, identity.ServerTLS(s.identity, s.identity, allowed))
+	}
+	r.http = &http.Server{Handler: w.Handler(nil), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second}
+	return nil
+}
+
+// witnessing has the receipt log ask every peer region to cosign each
+// checkpoint, under the policy `knhk region policy` prints.
+func (s *Server) witnessing(cfg *config.Config, signer kms.Signer) (receipt.Witnessing, error) {
+	policy, err := regionPolicy(cfg, signer)
+	if err != nil {
+		return receipt.Witnessing{}, err
+	}
+	g, err := tessera.NewWitnessGroupFromPolicy(policy)
+	if err != nil {
+		return receipt.Witnessing{}, fmt.Errorf("region: witness policy: %w", err)
+	}
+	s.regionPolicy = policy
+	w := receipt.Witnessing{Witnesses: &g, Timeout: witnessTimeout}
+	if cfg.Identity.Enabled() {
+		// Each peer URL must present that peer's SPIFFE ID, not any peer's.
+		byAddr := map[string]spiffeid.ID{}
+		for _, p := range cfg.Region.Peers {
+			u, _ := url.Parse(p.URL) // validated
+			byAddr[hostPort(u)] = spiffeid.RequireFromString(p.SpiffeID)
+		}
+		w.Client = &http.Client{Timeout: witnessTimeout, Transport: &http.Transport{
+			DialTLSContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				id, ok := byAddr[addr]
+				if !ok {
+					return nil, fmt.Errorf("region: %s is not a peer's URL", addr)
+				}
+				d := tls.Dialer{Config: identity.ClientTLS(s.identity, s.identity, id)}
+				return d.DialContext(ctx, network, addr)
+			},
+		}}
+	} else {
+		w.Client = &http.Client{Timeout: witnessTimeout}
+	}
+	return w, nil
+}
+
+// hostPort is the address a URL dials, with the scheme's default port.
+func hostPort(u *url.URL) string {
+	if u.Port() != "" {
+		return u.Host
+	}
+	return net.JoinHostPort(u.Hostname(), map[string]string{"https": "443", "http": "80"}[u.Scheme])
+}
+
+// witnessTimeout bounds how long a checkpoint waits for cosignatures
+// before it is published with those that came back.
+const witnessTimeout = 3 * time.Second
+
+// regionPolicy is this region's witness policy.
+func regionPolicy(cfg *config.Config, signer kms.Signer) ([]byte, error) {
+	logKey, err := receipt.VerifierKey(cfg.Receipts.Origin, signer)
+	if err != nil {
+		return nil, err
+	}
+	peers := make([]region.PeerWitness, 0, len(cfg.Region.Peers))
+	for _, p := range cfg.Region.Peers {
+		peers = append(peers, region.PeerWitness{Name: p.Name, Key: p.WitnessKey, URL: p.URL})
+	}
+	return region.Policy(cfg.Receipts.Origin, logKey, peers, cfg.RegionQuorum()), nil
+}
+
+// RegionAddr is listen.region as bound ("" when regions are off).
+func (s *Server) RegionAddr() string {
+	if s.region == nil {
+		return ""
+	}
+	return s.region.lis.Addr().String()
+}
+
+// handlePolicy serves GET /v1/region/policy: the witness policy a
+// verifier of this region's receipts may start from (`knhk region
+// policy`). A verifier should write its own; this one says what this
+// region was told to trust.
+func (s *Server) handlePolicy(w http.ResponseWriter, _ *http.Request) {
+	if s.region == nil || s.region.policy == nil {
+		writeJSON(w, http.StatusNotFound, apiError{"regions are off (listen.region is not set) or receipts are off"})
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	_, _ = w.Write(s.region.policy)
+}
+
+// handleEvidence serves GET /v1/region/evidence.
+func (s *Server) handleEvidence(w http.ResponseWriter, r *http.Request) {
+	if s.region == nil {
+		writeJSON(w, http.StatusNotFound, apiError{"regions are off (listen.region is not set)"})
+		return
+	}
+	s.region.witness.EvidenceHandler().ServeHTTP(w, r)
+}

@@ -1,0 +1,226 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	fnote "github.com/transparency-dev/formats/note"
+	"golang.org/x/mod/sumdb/note"
+
+	"github.com/knhk/knhk/internal/harness"
+	"github.com/knhk/knhk/pkg/config"
+	"github.com/knhk/knhk/pkg/receipt"
+	"github.com/knhk/knhk/pkg/region"
+)
+
+func getBody(t *testing.T, url string) (int, []byte) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, b
+}
+
+// TestRegionWitnessesAPeerKnhk: one knhk (us-east) cosigns another's
+// (eu-west's) receipt-log checkpoint over listen.region, publishes its
+// witness key beside its log keys, and the cosignature verifies with it.
+func TestRegionWitnessesAPeerKnhk(t *testing.T) {
+	pc := testConfig(t)
+	pc.Receipts.Origin = "knhk/eu-west"
+	peer, err := New(pc, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	peerBase := serve(t, peer)
+	var cp []byte
+	if err := harness.Poll(20*time.Second, 50*time.Millisecond, func() error {
+		code, b := getBody(t, peerBase+"/v1/checkpoint")
+		if code != 200 {
+			return io.ErrUnexpectedEOF
+		}
+		cp = b
+		return nil
+	}); err != nil {
+		t.Fatalf("the peer published no checkpoint: %v", err)
+	}
+	_, kb := getBody(t, peerBase+"/v1/keys")
+	var peerKeys struct {
+		LogVerifierKeys []string `json:"log_verifier_keys"`
+	}
+	if err := json.Unmarshal(kb, &peerKeys); err != nil || len(peerKeys.LogVerifierKeys) == 0 {
+		t.Fatalf("peer keys %s: %v", kb, err)
+	}
+	_, wv, _ := note.GenerateKey(rand.Reader, "eu-west")
+	peerWitness, _ := fnote.VKeyToCosignatureV1(wv)
+
+	cfg := testConfig(t)
+	cfg.Listen.Region = "127.0.0.1:0"
+	cfg.Region = config.Region{Name: "us-east", Quorum: 2, Peers: []config.RegionPeer{{
+		Name: "eu-west", URL: "http://127.0.0.2:9443", WitnessKey: peerWitness, LogKeys: peerKeys.LogVerifierKeys,
+	}}}
+	s, err := New(cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := serve(t, s)
+	_, kb = getBody(t, base+"/v1/keys")
+	var keys struct {
+		Witness string `json:"witness_verifier_key"`
+	}
+	if err := json.Unmarshal(kb, &keys); err != nil || !strings.HasPrefix(keys.Witness, "us-east+") {
+		t.Fatalf("witness key not published: %s", kb)
+	}
+
+	resp, err := http.Post("http://"+s.RegionAddr()+"/add-checkpoint", "text/plain", bytes.NewReader(append([]byte("old 0\n\n"), cp...)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sigs, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("add-checkpoint: %d %s", resp.StatusCode, sigs)
+	}
+	cv, err := fnote.NewVerifierForCosignatureV1(keys.Witness)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lv, _ := fnote.NewVerifier(peerKeys.LogVerifierKeys[0])
+	if _, err := note.Open(append(bytes.Clone(cp), sigs...), note.VerifierList(lv, cv)); err != nil {
+		t.Fatalf("cosignature does not verify with the published witness key: %v", err)
+	}
+	if code, b := getBody(t, base+"/v1/region/evidence"); code != 200 || !strings.Contains(string(b), `"evidence"`) {
+		t.Fatalf("evidence: %d %s", code, b)
+	}
+	if page := metricsPage(t, base); !strings.Contains(page, `knhk_region_witness_requests_total{result="cosigned"} 1`) {
+		t.Fatalf("no cosigned count in /metrics:\n%s", grepLines(page, "knhk_region"))
+	}
+}
+
+// startServer runs a server on cfg until the test ends, or until stop.
+func startServer(t *testing.T, cfg config.Config) (base string, stop func(), srv *Server) {
+	t.Helper()
+	s, err := New(cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			select {
+			case <-done:
+			case <-time.After(20 * time.Second):
+				t.Error("server did not stop")
+			}
+		})
+	}
+	t.Cleanup(stop)
+	base = "http://" + s.AdminAddr()
+	if err := harness.Poll(10*time.Second, 10*time.Millisecond, func() error { return harness.HTTPOK(base + "/readyz") }); err != nil {
+		t.Fatal(err)
+	}
+	return base, stop, s
+}
+
+// TestRegionsCosignEachOther: two knhk regions on loopback push their
+// checkpoints to each other; each one's published checkpoint carries the
+// other's cosignature, verified with the witness key it publishes, and
+// `knhk region policy`'s source names the peer.
+func TestRegionsCosignEachOther(t *testing.T) {
+	names := []string{"us-east", "eu-west"}
+	ports, err := harness.FreePorts(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfgs := make([]config.Config, 2)
+	logKeys := make([]string, 2)
+	witnessKeys := make([]string, 2)
+	for i, n := range names {
+		c := testConfig(t)
+		c.Receipts.Origin = "knhk/" + n
+		c.Receipts.CheckpointInterval = config.Duration(200 * time.Millisecond)
+		// First start without regions: it creates the log's KMS key.
+		base, stop, _ := startServer(t, c)
+		_, kb := getBody(t, base+"/v1/keys")
+		var k struct {
+			Log string `json:"log_verifier_key"`
+		}
+		if err := json.Unmarshal(kb, &k); err != nil || k.Log == "" {
+			t.Fatalf("keys %s: %v", kb, err)
+		}
+		stop()
+		ck, err := region.LoadOrCreateKey(filepath.Join(c.DataDir, "witness.key"), n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// A witness key and its state are made together.
+		w, err := region.NewWitness(context.Background(), region.WitnessOptions{Key: ck, Path: filepath.Join(c.DataDir, "witness.db")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = w.Close()
+		logKeys[i], witnessKeys[i] = k.Log, ck.Verifier
+		c.Listen.Region = fmt.Sprintf("127.0.0.1:%d", ports[i])
+		cfgs[i] = c
+	}
+	bases := make([]string, 2)
+	servers := make([]*Server, 2)
+	for i, n := range names {
+		o := 1 - i
+		cfgs[i].Region = config.Region{Name: n, Quorum: 2, Peers: []config.RegionPeer{{
+			Name: names[o], URL: fmt.Sprintf("http://127.0.0.1:%d", ports[o]), WitnessKey: witnessKeys[o], LogKeys: []string{logKeys[o]},
+		}}}
+		bases[i], _, servers[i] = startServer(t, cfgs[i])
+	}
+	// Checkpoints are published as the log grows: log a few receipts.
+	for _, s := range servers {
+		for i := range 3 {
+			if _, err := s.receipts.Issue(context.Background(), &receipt.Receipt{Time: time.Now().UnixNano(), Method: "GET", Path: fmt.Sprint("/r", i), Status: 200}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for i := range names {
+		o := 1 - i
+		lv, _ := fnote.NewVerifier(logKeys[i])
+		cv, _ := fnote.NewVerifierForCosignatureV1(witnessKeys[o])
+		err := harness.Poll(30*time.Second, 100*time.Millisecond, func() error {
+			code, cp := getBody(t, bases[i]+"/v1/checkpoint")
+			if code != 200 {
+				return fmt.Errorf("checkpoint: %d %s", code, cp)
+			}
+			n, err := note.Open(cp, note.VerifierList(lv, cv))
+			if err != nil {
+				return err
+			}
+			if len(n.Sigs) != 2 {
+				return fmt.Errorf("%s's checkpoint has %d verified signatures, want its own and %s's:\n%s", names[i], len(n.Sigs), names[o], cp)
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		code, pol := getBody(t, bases[i]+"/v1/region/policy")
+		if code != 200 || !strings.Contains(string(pol), "witness "+names[o]+" "+witnessKeys[o]) || !strings.Contains(string(pol), "group peers 1 "+names[o]) {
+			t.Fatalf("policy: %d\n%s", code, pol)
+		}
+	}
+}

@@ -1,0 +1,154 @@
+package config
+
+import (
+	"encoding/base64"
+	"net"
+	"net/url"
+	"strconv"
+	"strings"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	fnote "github.com/transparency-dev/formats/note"
+)
+
+// Region makes this knhk one region among peers that witness (cosign) and
+// mirror each other's receipt logs over C2SP tlog-witness. It is on when
+// listen.region is set.
+type Region struct {
+	// Name names this region and its witness key (a C2SP key name).
+	Name string `yaml:"name"`
+	// Quorum is how many regions, this one included, must cosign a
+	// checkpoint before its receipts are durable (0: a majority).
+	Quorum int `yaml:"quorum"`
+	// WitnessKey is the Ed25519 cosigning key file (default
+	// <data_dir>/witness.key, created 0600 on first start).
+	WitnessKey string       `yaml:"witness_key"`
+	Peers      []RegionPeer `yaml:"peers"`
+}
+
+// RegionPeer is another region: where to reach it, who it is, and the
+// keys this region pins for it (never the ones it publishes about itself).
+type RegionPeer struct {
+	Name string `yaml:"name"`
+	// URL is the peer's listen.region (https under identity, else http on
+	// loopback).
+	URL      string `yaml:"url"`
+	SpiffeID string `yaml:"spiffe_id"`
+	// WitnessKey is its cosignature/v1 verifier key (its GET /v1/keys
+	// "witness_verifier_key").
+	WitnessKey string `yaml:"witness_key"`
+	// LogKeys are its checkpoint verifier keys, named after its log's
+	// origin (its "log_verifier_keys").
+	LogKeys []string `yaml:"log_keys"`
+}
+
+// RegionEnabled reports whether this knhk takes part in regions.
+func (c *Config) RegionEnabled() bool { return c.Listen.Region != "" }
+
+func (c *Config) validateRegion(fail failFunc) error {
+	r := &c.Region
+	if !c.RegionEnabled() {
+		if r.Name != "" || len(r.Peers) > 0 {
+			return fail("listen.region", "region.* is set but listen.region is empty: set the address the peers push checkpoints to")
+		}
+		return nil
+	}
+	if err := checkHostPort(c.Listen.Region, 0); err != nil {
+		return fail("listen.region", "%v", err)
+	}
+	mtls := c.Identity.Enabled()
+	if host, _, _ := net.SplitHostPort(c.Listen.Region); !mtls && !isLoopback(host) {
+		return fail("listen.region", "%q is not a loopback address: without identity.* (SPIFFE mTLS) the region API stays on loopback", c.Listen.Region)
+	}
+	if !validKeyName(r.Name) {
+		return fail("region.name", "%q: needs a name without spaces or '+' (it names this region's witness key)", r.Name)
+	}
+	if r.Quorum < 0 || r.Quorum > 1+len(r.Peers) {
+		return fail("region.quorum", "must be 0 (a majority) to %d (this region and its %d peers), got %d", 1+len(r.Peers), len(r.Peers), r.Quorum)
+	}
+	names := map[string]bool{r.Name: true}
+	logOrigins, originOwner := map[string]string{}, map[string]string{}
+	for i, p := range r.Peers {
+		key := func(f string) string { return "region.peers[" + strconv.Itoa(i) + "]." + f }
+		if !validKeyName(p.Name) {
+			return fail(key("name"), "%q: needs a name without spaces or '+'", p.Name)
+		}
+		if names[p.Name] {
+			return fail(key("name"), "%q is used twice (region.name and peer names must differ)", p.Name)
+		}
+		names[p.Name] = true
+		u, err := url.Parse(p.URL)
+		if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
+			return fail(key("url"), "%q: want http(s)://host:port, the peer's listen.region", p.URL)
+		}
+		if mtls && u.Scheme != "https" {
+			return fail(key("url"), "%q: with identity.* on, peers are reached over mTLS: use https", p.URL)
+		}
+		if !mtls && !isLoopback(u.Hostname()) {
+			return fail(key("url"), "%q is not a loopback address: without identity.* (SPIFFE mTLS) peers must be on this machine", p.URL)
+		}
+		if mtls {
+			if _, err := spiffeid.FromString(p.SpiffeID); err != nil {
+				return fail(key("spiffe_id"), "%q: %v (with identity.* on, only this ID may push as %s)", p.SpiffeID, err, p.Name)
+			}
+		}
+		wv, err := fnote.NewVerifierForCosignatureV1(p.WitnessKey)
+		if err != nil {
+			return fail(key("witness_key"), "not a cosignature/v1 verifier key (the peer's witness_verifier_key): %v", err)
+		}
+		if wv.Name() != p.Name {
+			return fail(key("witness_key"), "the key is named %q: a region's witness key is named after the region (%q)", wv.Name(), p.Name)
+		}
+		if len(p.LogKeys) == 0 {
+			return fail(key("log_keys"), "needs the peer's checkpoint verifier key (its log_verifier_keys)")
+		}
+		for j, k := range p.LogKeys {
+			v, err := fnote.NewVerifier(k)
+			if err != nil || isCosignatureKey(k) {
+				return fail(key("log_keys["+strconv.Itoa(j)+"]"), "not a checkpoint verifier key (a witness key belongs in witness_key): %v", err)
+			}
+			if origin := logOrigins[p.Name]; origin != "" && origin != v.Name() {
+				return fail(key("log_keys["+strconv.Itoa(j)+"]"), "names origin %q, but this peer's first key names %q: one peer has one log", v.Name(), origin)
+			}
+			if owner, ok := originOwner[v.Name()]; ok && owner != p.Name {
+				return fail(key("log_keys["+strconv.Itoa(j)+"]"), "origin %q is also %s's: each peer's log has its own origin", v.Name(), owner)
+			}
+			logOrigins[p.Name], originOwner[v.Name()] = v.Name(), p.Name
+			if v.Name() == c.Receipts.Origin {
+				return fail(key("log_keys["+strconv.Itoa(j)+"]"), "names origin %q, this region's own receipts.origin: give each region's log its own origin (e.g. knhk/%s)", v.Name(), r.Name)
+			}
+		}
+	}
+	return nil
+}
+
+// RegionQuorum is region.quorum, or a majority of the regions when unset.
+func (c *Config) RegionQuorum() int {
+	if c.Region.Quorum > 0 {
+		return c.Region.Quorum
+	}
+	return (1+len(c.Region.Peers))/2 + 1
+}
+
+// isCosignatureKey: a vkey whose algorithm is a witness cosignature
+// (0x04 Ed25519, 0x06 ML-DSA), which formats' verifier also accepts.
+func isCosignatureKey(vkey string) bool {
+	parts := strings.SplitN(vkey, "+", 3)
+	if len(parts) != 3 {
+		return false
+	}
+	raw, err := base64.StdEncoding.DecodeString(parts[2])
+	return err == nil && len(raw) > 0 && (raw[0] == 0x04 || raw[0] == 0x06)
+}
+
+func validKeyName(s string) bool {
+	return s != "" && !strings.ContainsAny(s, "+ \t\n")
+}
+
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
