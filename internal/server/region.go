@@ -68,7 +68,7 @@ func (s *Server) openRegion(cfg *config.Config) error {
 		}
 		r.lis = tls.NewListener(r.lis, identity.ServerTLS(s.identity, s.identity, allowed))
 	}
-	r.http = &http.Server{Handler: w.Handler(nil), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second}
+	r.http = &http.Server{Handler: w.Handler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second}
 	return nil
 }
 

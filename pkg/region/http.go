@@ -7,20 +7,11 @@ import (
 	"net/http"
 )
 
-// Authorize decides whether a request may push checkpoints (under mTLS,
-// whether its peer SPIFFE ID is one of region.peers); nil allows all.
-type Authorize func(*http.Request) error
-
-// Handler serves the C2SP tlog-witness API: POST /add-checkpoint.
-func (w *Witness) Handler(auth Authorize) http.Handler {
+// Handler serves the C2SP tlog-witness API: POST /add-checkpoint. Who
+// may push is decided before it, at the TLS handshake (internal/server).
+func (w *Witness) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /add-checkpoint", func(rw http.ResponseWriter, r *http.Request) {
-		if auth != nil {
-			if err := auth(r); err != nil {
-				writeOutcome(rw, message(http.StatusForbidden, "add-checkpoint: %v", err))
-				return
-			}
-		}
 		body, err := io.ReadAll(http.MaxBytesReader(rw, r.Body, MaxBody))
 		var tooLarge *http.MaxBytesError
 		switch {
