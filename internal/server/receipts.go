@@ -104,6 +104,8 @@ func (s *Server) handleReceipt(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, apiError{err.Error()})
 	case err != nil:
 		s.internalError(w, "reading the receipt", err)
+	case s.region != nil:
+		writeJSON(w, http.StatusOK, s.region.bundle(b))
 	default:
 		writeJSON(w, http.StatusOK, b)
 	}

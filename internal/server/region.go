@@ -23,11 +23,13 @@ import (
 // regionParts are what listen.region runs: this region's witness of its
 // peers' logs, and the listener the peers push checkpoints to.
 type regionParts struct {
-	policy  []byte // this region's witness policy, for GET /v1/region/policy
-	witness *region.Witness
-	key     *region.Cosigner
-	lis     net.Listener
-	http    *http.Server
+	policy    []byte // this region's witness policy, for GET /v1/region/policy
+	cosigners *region.Cosigners
+	quorum    int
+	witness   *region.Witness
+	key       *region.Cosigner
+	lis       net.Listener
+	http      *http.Server
 }
 
 // openRegion opens the witness and binds listen.region: mTLS that admits
@@ -52,7 +54,16 @@ func (s *Server) openRegion(cfg *config.Config) error {
 	if err != nil {
 		return fmt.Errorf("region: %w", err)
 	}
-	r := &regionParts{witness: w, key: key, policy: s.regionPolicy}
+	vkeys := make([]string, 0, len(cfg.Region.Peers))
+	for _, p := range cfg.Region.Peers {
+		vkeys = append(vkeys, p.WitnessKey)
+	}
+	cos, err := region.NewCosigners(vkeys)
+	if err != nil {
+		_ = w.Close()
+		return fmt.Errorf("region.peers: %w", err)
+	}
+	r := &regionParts{witness: w, key: key, policy: s.regionPolicy, cosigners: cos, quorum: cfg.RegionQuorum()}
 	s.region = r
 	if r.lis, err = net.Listen("tcp", cfg.Listen.Region); err != nil {
 		return fmt.Errorf("listen.region %s: %w", cfg.Listen.Region, err)
@@ -152,6 +163,20 @@ func (s *Server) handlePolicy(w http.ResponseWriter, _ *http.Request) {
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	_, _ = w.Write(s.region.policy)
+}
+
+// regionBundle is a receipt bundle with its durability across regions: a
+// receipt is durable once its checkpoint carries cosignatures from
+// region.quorum regions, this one counting as one.
+type regionBundle struct {
+	receipt.Bundle
+	Durable      bool                 `json:"durable"`
+	Cosignatures []region.Cosignature `json:"cosignatures"`
+}
+
+func (r *regionParts) bundle(b receipt.Bundle) regionBundle {
+	cs := r.cosigners.Of([]byte(b.Checkpoint))
+	return regionBundle{Bundle: b, Durable: 1+len(cs) >= r.quorum, Cosignatures: cs}
 }
 
 // handleEvidence serves GET /v1/region/evidence.

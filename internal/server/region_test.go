@@ -105,6 +105,25 @@ func TestRegionWitnessesAPeerKnhk(t *testing.T) {
 	if code, b := getBody(t, base+"/v1/region/evidence"); code != 200 || !strings.Contains(string(b), `"evidence"`) {
 		t.Fatalf("evidence: %d %s", code, b)
 	}
+	// Its own peer never cosigns (nothing listens at its URL): its
+	// receipts are served, and say they are not durable.
+	tok, err := s.receipts.Issue(context.Background(), &receipt.Receipt{Time: time.Now().UnixNano(), Method: "GET", Path: "/x", Status: 200})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = harness.Poll(30*time.Second, 100*time.Millisecond, func() error {
+		code, b := getBody(t, base+"/v1/receipts/"+tok)
+		if code != 200 {
+			return fmt.Errorf("bundle: %d %s", code, b)
+		}
+		if !strings.Contains(string(b), `"durable": false`) || !strings.Contains(string(b), `"cosignatures": []`) {
+			return fmt.Errorf("a receipt no peer cosigned: %s", b)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if page := metricsPage(t, base); !strings.Contains(page, `knhk_region_witness_requests_total{result="cosigned"} 1`) {
 		t.Fatalf("no cosigned count in /metrics:\n%s", grepLines(page, "knhk_region"))
 	}
@@ -190,11 +209,14 @@ func TestRegionsCosignEachOther(t *testing.T) {
 		bases[i], _, servers[i] = startServer(t, cfgs[i])
 	}
 	// Checkpoints are published as the log grows: log a few receipts.
-	for _, s := range servers {
+	tokens := make([]string, 2)
+	for j, s := range servers {
 		for i := range 3 {
-			if _, err := s.receipts.Issue(context.Background(), &receipt.Receipt{Time: time.Now().UnixNano(), Method: "GET", Path: fmt.Sprint("/r", i), Status: 200}); err != nil {
+			tok, err := s.receipts.Issue(context.Background(), &receipt.Receipt{Time: time.Now().UnixNano(), Method: "GET", Path: fmt.Sprint("/r", i), Status: 200})
+			if err != nil {
 				t.Fatal(err)
 			}
+			tokens[j] = tok
 		}
 	}
 	for i := range names {
@@ -212,6 +234,26 @@ func TestRegionsCosignEachOther(t *testing.T) {
 			}
 			if len(n.Sigs) != 2 {
 				return fmt.Errorf("%s's checkpoint has %d verified signatures, want its own and %s's:\n%s", names[i], len(n.Sigs), names[o], cp)
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The receipt's bundle says it is durable, and which region cosigned.
+		err = harness.Poll(30*time.Second, 100*time.Millisecond, func() error {
+			code, b := getBody(t, bases[i]+"/v1/receipts/"+tokens[i])
+			var rb struct {
+				Durable      bool `json:"durable"`
+				Cosignatures []struct {
+					Region string `json:"region"`
+				} `json:"cosignatures"`
+			}
+			if err := json.Unmarshal(b, &rb); err != nil || code != 200 {
+				return fmt.Errorf("bundle: %d %s", code, b)
+			}
+			if !rb.Durable || len(rb.Cosignatures) != 1 || rb.Cosignatures[0].Region != names[o] {
+				return fmt.Errorf("bundle not durable by %s: %s", names[o], b)
 			}
 			return nil
 		})

@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -449,10 +450,21 @@ func (s *Server) drain() error {
 	s.xdsGRPC.Stop()
 	ctx, cancel := context.WithTimeout(context.Background(), min(time.Second, time.Until(deadline)))
 	defer cancel()
-	_ = s.admin.Shutdown(ctx)
+	// Side by side, so one cannot use up the other's time; what does not
+	// finish in it is closed.
+	servers := []*http.Server{s.admin}
 	if s.region != nil {
-		_ = s.region.http.Shutdown(ctx)
+		servers = append(servers, s.region.http)
 	}
+	var wg sync.WaitGroup
+	for _, h := range servers {
+		wg.Go(func() {
+			if err := h.Shutdown(ctx); err != nil {
+				_ = h.Close()
+			}
+		})
+	}
+	wg.Wait()
 	s.closeBy(deadline)
 	s.log.Info("stopped")
 	return nil
