@@ -4,6 +4,7 @@ import (
 	"encoding/base64"
 	"net"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -73,6 +74,9 @@ func (c *Config) validateRegion(fail failFunc) error {
 		if !validKeyName(p.Name) {
 			return fail(key("name"), "%q: needs a name without spaces or '+'", p.Name)
 		}
+		if policyWords[p.Name] {
+			return fail(key("name"), "%q is a word of the witness policy grammar: choose another name", p.Name)
+		}
 		if names[p.Name] {
 			return fail(key("name"), "%q is used twice (region.name and peer names must differ)", p.Name)
 		}
@@ -110,6 +114,9 @@ func (c *Config) validateRegion(fail failFunc) error {
 			if origin := logOrigins[p.Name]; origin != "" && origin != v.Name() {
 				return fail(key("log_keys["+strconv.Itoa(j)+"]"), "names origin %q, but this peer's first key names %q: one peer has one log", v.Name(), origin)
 			}
+			if slices.Contains(p.LogKeys[:j], k) {
+				return fail(key("log_keys["+strconv.Itoa(j)+"]"), "listed twice")
+			}
 			if owner, ok := originOwner[v.Name()]; ok && owner != p.Name {
 				return fail(key("log_keys["+strconv.Itoa(j)+"]"), "origin %q is also %s's: each peer's log has its own origin", v.Name(), owner)
 			}
@@ -142,8 +149,12 @@ func isCosignatureKey(vkey string) bool {
 }
 
 func validKeyName(s string) bool {
-	return s != "" && !strings.ContainsAny(s, "+ \t\n")
+	return s != "" && !strings.ContainsAny(s, "+# \t\n")
 }
+
+// policyWords are the Sigsum policy keywords and the group name knhk's
+// policy uses: a peer named so would break the policy tessera reads.
+var policyWords = map[string]bool{"log": true, "witness": true, "group": true, "quorum": true, "any": true, "all": true, "none": true, "peers": true}
 
 func isLoopback(host string) bool {
 	if host == "localhost" {

@@ -53,6 +53,8 @@ func TestRegionConfig(t *testing.T) {
 		{"listen:\n  region: 10.0.0.1:9443\nregion:\n  name: us-east\n", "listen.region: \"10.0.0.1:9443\" is not a loopback address: without identity.*"},
 		{"listen:\n  region: 127.0.0.1:9443\nregion:\n  name: \"us east\"\n", "region.name: \"us east\""},
 		{"listen:\n  region: 127.0.0.1:9443\nregion:\n  name: us-east\n  quorum: 2\n", "region.quorum: must be 0 (a majority) to 1"},
+		{peer("{name: peers, url: \"http://127.0.0.2:9443\", " + good + "}"), "region.peers[0].name: \"peers\" is a word of the witness policy grammar"},
+		{peer(fmt.Sprintf("{name: eu-west, url: \"http://127.0.0.2:9443\", witness_key: %q, log_keys: [%q, %q]}", w, l, l)), "region.peers[0].log_keys[1]: listed twice"},
 		{peer("{name: us-east, url: \"http://127.0.0.2:9443\", " + good + "}"), "region.peers[0].name: \"us-east\" is used twice"},
 		{peer("{name: eu-west, url: \"ftp://127.0.0.2\", " + good + "}"), "region.peers[0].url: \"ftp://127.0.0.2\""},
 		{peer("{name: eu-west, url: \"http://192.0.2.1:9443\", " + good + "}"), "region.peers[0].url: \"http://192.0.2.1:9443\" is not a loopback address"},

@@ -1,6 +1,7 @@
 package receipt
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/ed25519"
@@ -366,8 +367,16 @@ func (l *Log) ConsistencyProof(ctx context.Context, smaller, larger, size uint64
 // VerifyConsistency checks a consistency proof between two roots.
 func VerifyConsistency(size1, size2 uint64, p [][]byte, root1, root2 []byte) error {
 	if size1 == 0 {
-		if len(p) != 0 {
+		// Every tree extends the empty one; its root must still be the
+		// empty tree's.
+		empty := rfc6962.DefaultHasher.EmptyRoot()
+		switch {
+		case len(p) != 0:
 			return errors.New("a consistency proof from the empty tree must be empty")
+		case !bytes.Equal(root1, empty):
+			return errors.New("a tree of size 0 must have the empty tree's root")
+		case size2 == 0 && !bytes.Equal(root2, empty):
+			return errors.New("a tree of size 0 must have the empty tree's root")
 		}
 		return nil
 	}

@@ -1,6 +1,7 @@
 package receipt
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"path/filepath"
@@ -257,5 +258,24 @@ func TestConsistencyBetweenAnySizes(t *testing.T) {
 	}
 	if _, err := l.ConsistencyProof(ctx, 1, 301, 300); err == nil {
 		t.Fatal("a proof past the published tree was built")
+	}
+}
+
+// TestConsistencyFromTheEmptyTree: the proof from size 0 is empty, and
+// still checks that size 0 has the empty tree's root.
+func TestConsistencyFromTheEmptyTree(t *testing.T) {
+	empty := rfc6962.DefaultHasher.EmptyRoot()
+	other := bytes.Repeat([]byte{1}, 32)
+	if err := VerifyConsistency(0, 5, nil, empty, other); err != nil {
+		t.Fatalf("0 → 5: %v", err)
+	}
+	for name, err := range map[string]error{
+		"a proof from 0":       VerifyConsistency(0, 5, [][]byte{other}, empty, other),
+		"size 0 with a root":   VerifyConsistency(0, 5, nil, other, other),
+		"0 → 0 with two roots": VerifyConsistency(0, 0, nil, empty, other),
+	} {
+		if err == nil {
+			t.Errorf("%s: accepted", name)
+		}
 	}
 }

@@ -24,21 +24,46 @@ import (
 type Cosigner struct {
 	Signer   note.Signer
 	Verifier string
-	// Created: the key was made by this call (a new witness).
+	// Created: the key has never been bound to a witness state, so it
+	// never cosigned anything. It lives at <path>.new until NewWitness
+	// binds it, then takes its place at path.
 	Created bool
+	path    string
+}
+
+// pendingSuffix marks a key not yet bound to a witness state: a crash
+// between making the key and binding it leaves it there, and the next
+// start binds it rather than refusing a key that never signed.
+const pendingSuffix = ".new"
+
+// commit moves a newly bound key to its path.
+func (c *Cosigner) commit() error {
+	if !c.Created {
+		return nil
+	}
+	if err := os.Rename(c.path+pendingSuffix, c.path); err != nil {
+		return fmt.Errorf("witness key %s: %w", c.path, err)
+	}
+	if err := fsutil.SyncDir(filepath.Dir(c.path)); err != nil {
+		return fmt.Errorf("witness key %s: %w", c.path, err)
+	}
+	c.Created = false
+	return nil
 }
 
 // LoadOrCreateKey reads the Ed25519 witness key at path (a C2SP note
 // signer key), creating it 0600 on first start under name. A key file
 // that others can read is refused rather than used.
 func LoadOrCreateKey(path, name string) (*Cosigner, error) {
-	b, created, err := readKey(path)
+	b, err := readKey(path)
+	created := false
 	if errors.Is(err, fs.ErrNotExist) {
-		if b, err = createKey(path, name); err != nil {
-			return nil, err
-		}
 		created = true
-	} else if err != nil {
+		if b, err = readKey(path + pendingSuffix); errors.Is(err, fs.ErrNotExist) {
+			b, err = createKey(path+pendingSuffix, name)
+		}
+	}
+	if err != nil {
 		return nil, err
 	}
 	skey := strings.TrimSpace(string(b))
@@ -53,35 +78,35 @@ func LoadOrCreateKey(path, name string) (*Cosigner, error) {
 	if err != nil {
 		return nil, fmt.Errorf("witness key %s: %w", path, err)
 	}
-	return &Cosigner{Signer: s, Verifier: vkey, Created: created}, nil
+	return &Cosigner{Signer: s, Verifier: vkey, Created: created, path: path}, nil
 }
 
 // readKey reads the key through one descriptor, so the mode checked is
 // the file read; a symlink or anything but a regular file is refused.
-func readKey(path string) ([]byte, bool, error) {
+func readKey(path string) ([]byte, error) {
 	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			return nil, false, err
+			return nil, err
 		}
-		return nil, false, fmt.Errorf("witness key %s: %w", path, err)
+		return nil, fmt.Errorf("witness key %s: %w", path, err)
 	}
 	defer func() { _ = f.Close() }()
 	fi, err := f.Stat()
 	if err != nil {
-		return nil, false, fmt.Errorf("witness key %s: %w", path, err)
+		return nil, fmt.Errorf("witness key %s: %w", path, err)
 	}
 	if !fi.Mode().IsRegular() {
-		return nil, false, fmt.Errorf("witness key %s: not a regular file", path)
+		return nil, fmt.Errorf("witness key %s: not a regular file", path)
 	}
 	if fi.Mode().Perm()&0o077 != 0 {
-		return nil, false, fmt.Errorf("witness key %s: mode %04o lets others read it; want 0600", path, fi.Mode().Perm())
+		return nil, fmt.Errorf("witness key %s: mode %04o lets others read it; want 0600", path, fi.Mode().Perm())
 	}
 	b, err := io.ReadAll(io.LimitReader(f, 4096))
 	if err != nil {
-		return nil, false, fmt.Errorf("witness key %s: %w", path, err)
+		return nil, fmt.Errorf("witness key %s: %w", path, err)
 	}
-	return b, false, nil
+	return b, nil
 }
 
 // cosignatureVKey derives the cosignature/v1 verifier key from a note

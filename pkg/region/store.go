@@ -93,8 +93,14 @@ func (s *store) Update(_ context.Context, origin string, f func([]byte) ([]byte,
 // root_mismatch evidence is never evicted.
 const maxEvidence = 1000
 
+// maxRootMismatch is how many root_mismatch records are kept, the first
+// ones; later ones are counted (knhk_region_inconsistency_total) only.
+const maxRootMismatch = 100
+
 // addEvidence keeps a refused submission, in its kind's bucket, under a
-// big-endian sequence key (wall-clock steps cannot reorder it).
+// big-endian sequence key (wall-clock steps cannot reorder it). Each
+// record costs one fsynced write; refusals are rare unless a peer
+// misbehaves, and then they are what the operator needs.
 func (s *store) addEvidence(kind string, e []byte) error {
 	return s.db.Update(func(tx *bolt.Tx) error {
 		b, err := tx.Bucket(bucketEvidence).CreateBucketIfNotExists([]byte(kind))
@@ -108,7 +114,15 @@ func (s *store) addEvidence(kind string, e []byte) error {
 		if err := b.Put(binary.BigEndian.AppendUint64(nil, seq), e); err != nil {
 			return err
 		}
-		if kind == evidenceNeverEvicted || seq <= maxEvidence {
+		if kind == evidenceNeverEvicted {
+			// Rewritten history is kept, but one fork proves it: a log
+			// rewriting in a loop must not fill the disk either.
+			if seq > maxRootMismatch {
+				return b.Delete(binary.BigEndian.AppendUint64(nil, seq))
+			}
+			return nil
+		}
+		if seq <= maxEvidence {
 			return nil
 		}
 		// Keys are dense sequence numbers: drop those more than
@@ -154,7 +168,7 @@ func (s *store) bindKey(vkey string, keyIsNew bool) error {
 		got := b.Get(metaKey)
 		switch {
 		case got == nil && !keyIsNew:
-			return errors.New("the witness key exists but its state does not: restore witness.db (it holds what this region cosigned), or remove the key to start as a new witness that the peers must pin again")
+			return errors.New("the witness key exists but its state does not: restore witness.db (it holds what this region cosigned; an older copy rolls the witness back), or remove the key to start as a new witness that the peers must pin again; a key made ahead of time that never cosigned is adopted if named witness.key.new")
 		case got == nil:
 			return b.Put(metaKey, []byte(vkey))
 		case string(got) != vkey:

@@ -63,6 +63,10 @@ func NewWitness(ctx context.Context, o WitnessOptions) (*Witness, error) {
 		_ = st.Close()
 		return nil, fmt.Errorf("witness state %s: %w", o.Path, err)
 	}
+	if err := o.Key.commit(); err != nil {
+		_ = st.Close()
+		return nil, err
+	}
 	lw, err := witness.New(ctx, witness.Opts{
 		Persistence: st,
 		Signers:     []note.Signer{o.Key.Signer},
@@ -182,7 +186,13 @@ func (w *Witness) AddCheckpoint(ctx context.Context, body []byte) Outcome {
 		// so the log proves consistency from the start. Losing a race to
 		// a first update only makes this a stale 409, which the log
 		// retries; the library re-checks under its transaction otherwise.
-		if prev, err := w.w.GetCheckpoint(ctx, origin); err == nil && prev == nil {
+		prev, err := w.w.GetCheckpoint(ctx, origin)
+		if err != nil {
+			w.results.WithLabelValues("error").Inc()
+			w.log.Error("witness state unreadable", "origin", origin, "error", err.Error())
+			return message(500, "add-checkpoint: the witness could not read its state")
+		}
+		if prev == nil {
 			w.results.WithLabelValues("stale").Inc()
 			return Outcome{Status: 409, Body: []byte("0\n"), ContentType: "text/x.tlog.size"}
 		}

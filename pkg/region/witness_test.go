@@ -5,7 +5,9 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base64"
+	"errors"
 	"fmt"
+	"io/fs"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -295,6 +297,12 @@ func TestWitnessKeyFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if !c.Created {
+		t.Fatal("a new key is not marked as never bound")
+	}
+	if err := c.commit(); err != nil {
+		t.Fatal(err)
+	}
 	fi, _ := os.Stat(path)
 	if fi.Mode().Perm() != 0o600 {
 		t.Fatalf("key file mode %04o", fi.Mode().Perm())
@@ -464,7 +472,8 @@ func TestStateIsBoundToTheKey(t *testing.T) {
 }
 
 // TestEvidenceIsBoundedPerKind: junk of one kind cannot push out another
-// kind, nor rewritten history at all.
+// kind, nor rewritten history at all; rewritten history keeps its first
+// records.
 func TestEvidenceIsBoundedPerKind(t *testing.T) {
 	st, err := openStore(filepath.Join(t.TempDir(), "w.db"))
 	if err != nil {
@@ -474,8 +483,10 @@ func TestEvidenceIsBoundedPerKind(t *testing.T) {
 	if err := st.Init(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	if err := st.addEvidence(KindRootMismatch, []byte(`"keep me"`)); err != nil {
-		t.Fatal(err)
+	for i := range maxRootMismatch + 20 {
+		if err := st.addEvidence(KindRootMismatch, fmt.Appendf(nil, `"keep %d"`, i)); err != nil {
+			t.Fatal(err)
+		}
 	}
 	for i := range maxEvidence + 50 {
 		if err := st.addEvidence(KindUnknownKey, fmt.Appendf(nil, "%d", i)); err != nil {
@@ -486,7 +497,44 @@ func TestEvidenceIsBoundedPerKind(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(ev) != maxEvidence+1 || string(ev[0]) != `"keep me"` || string(ev[1]) != "50" || string(ev[len(ev)-1]) != fmt.Sprint(maxEvidence+49) {
-		t.Fatalf("%d entries, first %q %q, last %q", len(ev), ev[0], ev[1], ev[len(ev)-1])
+	// The first root mismatches are kept (later ones only counted), then
+	// the newest unknown-key records.
+	if len(ev) != maxRootMismatch+maxEvidence || string(ev[0]) != `"keep 0"` || string(ev[maxRootMismatch-1]) != fmt.Sprintf(`"keep %d"`, maxRootMismatch-1) ||
+		string(ev[maxRootMismatch]) != "50" || string(ev[len(ev)-1]) != fmt.Sprint(maxEvidence+49) {
+		t.Fatalf("%d entries, first %q, at %d %q, last %q", len(ev), ev[0], maxRootMismatch, ev[maxRootMismatch], ev[len(ev)-1])
+	}
+}
+
+// TestKeyMadeButNeverBoundIsAdopted: a crash between making the witness
+// key and binding it to a state leaves a key that never signed; the next
+// start binds it rather than refusing to start.
+func TestKeyMadeButNeverBoundIsAdopted(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "witness.key")
+	c, err := LoadOrCreateKey(path, "us-east") // then "crash": no NewWitness
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := LoadOrCreateKey(path, "us-east")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again.Verifier != c.Verifier || !again.Created {
+		t.Fatalf("the pending key was not picked up: %q created=%v", again.Verifier, again.Created)
+	}
+	w, err := NewWitness(context.Background(), WitnessOptions{Key: again, Path: filepath.Join(dir, "witness.db")})
+	if err != nil {
+		t.Fatalf("a never-bound key was refused: %v", err)
+	}
+	_ = w.Close()
+	if _, err := os.Stat(path); err != nil {
+		t.Fatalf("the bound key is not at its path: %v", err)
+	}
+	if _, err := os.Stat(path + pendingSuffix); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the pending key is still there: %v", err)
+	}
+	bound, err := LoadOrCreateKey(path, "us-east")
+	if err != nil || bound.Created || bound.Verifier != c.Verifier {
+		t.Fatalf("after binding: %+v %v", bound, err)
 	}
 }
