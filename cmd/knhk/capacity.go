@@ -5,7 +5,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net/http"
 	"strings"
 
 	"github.com/knhk/knhk/pkg/capacity"
@@ -25,15 +24,9 @@ func capacityCmd(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "knhk capacity:", err)
 		return 2
 	}
-	resp, err := adminCall(http.MethodGet, base, "/v1/capacity")
+	body, err := adminGet(base, "/v1/capacity", 64<<20)
 	if err != nil {
 		fmt.Fprintln(stderr, "knhk capacity:", err)
-		return 1
-	}
-	defer func() { _ = resp.Body.Close() }()
-	body, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
-		fmt.Fprintf(stderr, "knhk capacity: HTTP %d: %s\n", resp.StatusCode, body)
 		return 1
 	}
 	if *asJSON {

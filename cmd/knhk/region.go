@@ -4,7 +4,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net/http"
 )
 
 // regionCmd: `knhk region policy` prints GET /v1/region/policy, the
@@ -26,15 +25,9 @@ func regionCmd(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "knhk region policy:", err)
 		return 2
 	}
-	resp, err := adminCall(http.MethodGet, base, "/v1/region/policy")
+	body, err := adminGet(base, "/v1/region/policy", 1<<20)
 	if err != nil {
 		fmt.Fprintln(stderr, "knhk region policy:", err)
-		return 1
-	}
-	defer func() { _ = resp.Body.Close() }()
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if resp.StatusCode != http.StatusOK {
-		fmt.Fprintf(stderr, "knhk region policy: HTTP %d: %s\n", resp.StatusCode, body)
 		return 1
 	}
 	_, _ = stdout.Write(body)

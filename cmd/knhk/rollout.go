@@ -105,6 +105,21 @@ var httpClient = &http.Client{Timeout: 10 * time.Second}
 
 // adminCall sends one request to the admin API at base. When the API cannot
 // be reached, the error says where it looked and how to point elsewhere.
+// adminGet reads an admin API page: its body on 200, else an error
+// carrying the status and the body.
+func adminGet(base, path string, limit int64) ([]byte, error) {
+	resp, err := adminCall(http.MethodGet, base, path)
+	if err != nil {
+		return nil, err
+	}
+	defer func() { _ = resp.Body.Close() }()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, limit))
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("HTTP %d: %s", resp.StatusCode, body)
+	}
+	return body, nil
+}
+
 func adminCall(method, base, path string) (*http.Response, error) {
 	// The admin URL is the operator's own flag; calling it is the point.
 	req, err := http.NewRequest(method, base+path, nil) //nolint:gosec

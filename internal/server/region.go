@@ -44,19 +44,20 @@ func (s *Server) openRegion(cfg *config.Config) error {
 	if err != nil {
 		return fmt.Errorf("region.witness_key: %w", err)
 	}
-	var logs []string
+	var logs, vkeys []string
+	allowed := make([]spiffeid.ID, 0, len(cfg.Region.Peers))
 	for _, p := range cfg.Region.Peers {
 		logs = append(logs, p.LogKeys...)
+		vkeys = append(vkeys, p.WitnessKey)
+		if cfg.Identity.Enabled() {
+			allowed = append(allowed, spiffeid.RequireFromString(p.SpiffeID)) // validated
+		}
 	}
 	w, err := region.NewWitness(s.ctx, region.WitnessOptions{
 		Key: key, Logs: logs, Path: filepath.Join(cfg.DataDir, "witness.db"), Log: s.log, Metrics: s.reg,
 	})
 	if err != nil {
 		return fmt.Errorf("region: %w", err)
-	}
-	vkeys := make([]string, 0, len(cfg.Region.Peers))
-	for _, p := range cfg.Region.Peers {
-		vkeys = append(vkeys, p.WitnessKey)
 	}
 	cos, err := region.NewCosigners(vkeys)
 	if err != nil {
@@ -69,12 +70,8 @@ func (s *Server) openRegion(cfg *config.Config) error {
 		return fmt.Errorf("listen.region %s: %w", cfg.Listen.Region, err)
 	}
 	if cfg.Identity.Enabled() {
-		// Config validation checked each spiffe_id. With no peers yet (a
-		// region started to mint its witness key) nobody may push.
-		allowed := make([]spiffeid.ID, 0, len(cfg.Region.Peers))
-		for _, p := range cfg.Region.Peers {
-			allowed = append(allowed, spiffeid.RequireFromString(p.SpiffeID))
-		}
+		// With no peers yet (a region started to mint its witness key)
+		// nobody may push.
 		r.lis = tls.NewListener(r.lis, identity.ServerTLS(s.identity, s.identity, allowed))
 	}
 	r.http = &http.Server{Handler: w.Handler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second}
