@@ -30,3 +30,25 @@ func TestMkdirAllCreatesAndSyncs(t *testing.T) {
 		t.Fatal("syncing a missing directory succeeded")
 	}
 }
+
+func TestWriteFileAtomicReplaces(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "f")
+	for _, want := range []string{"one", "two"} {
+		if err := WriteFileAtomic(p, []byte(want), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		got, err := os.ReadFile(p)
+		if err != nil || string(got) != want {
+			t.Fatalf("read %q %v, want %q", got, err, want)
+		}
+	}
+	if st, err := os.Stat(p); err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("stat: %v %v", st, err)
+	}
+	if _, err := os.Stat(p + ".tmp"); !os.IsNotExist(err) {
+		t.Fatalf("temporary file left behind: %v", err)
+	}
+	if err := WriteFileAtomic(filepath.Join(p, "x"), nil, 0o600); err == nil {
+		t.Fatal("a file under a file was written")
+	}
+}

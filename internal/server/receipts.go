@@ -105,7 +105,12 @@ func (s *Server) handleReceipt(w http.ResponseWriter, r *http.Request) {
 	case err != nil:
 		s.internalError(w, "reading the receipt", err)
 	case s.region != nil:
-		writeJSON(w, http.StatusOK, s.region.bundle(b))
+		rb, err := s.region.bundle(r.Context(), s.receipts, id, b)
+		if err != nil {
+			s.internalError(w, "reading the receipt", err)
+			return
+		}
+		writeJSON(w, http.StatusOK, rb)
 	default:
 		writeJSON(w, http.StatusOK, b)
 	}

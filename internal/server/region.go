@@ -3,7 +3,9 @@ package server
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
@@ -26,10 +28,14 @@ type regionParts struct {
 	policy    []byte // this region's witness policy, for GET /v1/region/policy
 	cosigners *region.Cosigners
 	quorum    int
-	witness   *region.Witness
-	key       *region.Cosigner
-	lis       net.Listener
-	http      *http.Server
+	// durable follows this region's checkpoints to the newest that met
+	// the quorum; track is its one writer.
+	durable *region.Quorum
+	tracked chan struct{} // closed when track returns; nil until Serve starts it
+	witness *region.Witness
+	key     *region.Cosigner
+	lis     net.Listener
+	http    *http.Server
 }
 
 // openRegion opens the witness and binds listen.region: mTLS that admits
@@ -66,6 +72,15 @@ func (s *Server) openRegion(cfg *config.Config) error {
 	}
 	r := &regionParts{witness: w, key: key, policy: s.regionPolicy, cosigners: cos, quorum: cfg.RegionQuorum()}
 	s.region = r
+	peers := make([]string, 0, len(cfg.Region.Peers))
+	for _, p := range cfg.Region.Peers {
+		peers = append(peers, p.Name)
+	}
+	if r.durable, err = region.NewQuorum(region.QuorumOptions{
+		Cosigners: cos, Peers: peers, Need: r.quorum, Path: filepath.Join(cfg.DataDir, "quorum.checkpoint"), Log: s.log, Metrics: s.reg,
+	}); err != nil {
+		return fmt.Errorf("region: %w", err)
+	}
 	if r.lis, err = net.Listen("tcp", cfg.Listen.Region); err != nil {
 		return fmt.Errorf("listen.region %s: %w", cfg.Listen.Region, err)
 	}
@@ -169,9 +184,47 @@ type regionBundle struct {
 	Cosignatures []region.Cosignature `json:"cosignatures"`
 }
 
-func (r *regionParts) bundle(b receipt.Bundle) regionBundle {
+// bundle proves a receipt against the newest checkpoint that met the
+// quorum when the latest has not (a peer down): once durable, a receipt
+// stays durable.
+func (r *regionParts) bundle(ctx context.Context, rs *receipt.Service, id [16]byte, b receipt.Bundle) (regionBundle, error) {
 	cs := r.cosigners.Of([]byte(b.Checkpoint))
-	return regionBundle{Bundle: b, Durable: 1+len(cs) >= r.quorum, Cosignatures: cs}
+	if 1+len(cs) >= r.quorum {
+		return regionBundle{Bundle: b, Durable: true, Cosignatures: cs}, nil
+	}
+	if q := r.durable.State(); q.Durable != nil && q.DurableSize > b.Index {
+		qb, err := rs.BundleAt(ctx, id, q.Durable)
+		if err != nil {
+			return regionBundle{}, err
+		}
+		return regionBundle{Bundle: qb, Durable: true, Cosignatures: r.cosigners.Of(q.Durable)}, nil
+	}
+	return regionBundle{Bundle: b, Durable: false, Cosignatures: cs}, nil
+}
+
+// track feeds each newly published checkpoint to the quorum tracker until
+// ctx ends. A file read four times a second costs nothing beside the
+// receipts; it bounds how stale the lag metrics are.
+func (r *regionParts) track(ctx context.Context, rs *receipt.Service, log *slog.Logger) {
+	defer close(r.tracked)
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	var lastErr time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		raw, err := rs.Checkpoint(ctx)
+		if err == nil {
+			err = r.durable.Observe(raw, time.Now())
+		}
+		if err != nil && !errors.Is(err, receipt.ErrNoCheckpoint) && time.Since(lastErr) > time.Minute {
+			lastErr = time.Now() // a line a minute, not four a second
+			log.Warn("region: following this region's checkpoints", "error", err.Error())
+		}
+	}
 }
 
 // handleEvidence serves GET /v1/region/evidence.

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -163,51 +164,8 @@ func startServer(t *testing.T, cfg config.Config) (base string, stop func(), srv
 // other's cosignature, verified with the witness key it publishes, and
 // `knhk region policy`'s source names the peer.
 func TestRegionsCosignEachOther(t *testing.T) {
-	names := []string{"us-east", "eu-west"}
-	ports, err := harness.FreePorts(2)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfgs := make([]config.Config, 2)
-	logKeys := make([]string, 2)
-	witnessKeys := make([]string, 2)
-	for i, n := range names {
-		c := testConfig(t)
-		c.Receipts.Origin = "knhk/" + n
-		c.Receipts.CheckpointInterval = config.Duration(200 * time.Millisecond)
-		// First start without regions: it creates the log's KMS key.
-		base, stop, _ := startServer(t, c)
-		_, kb := getBody(t, base+"/v1/keys")
-		var k struct {
-			Log string `json:"log_verifier_key"`
-		}
-		if err := json.Unmarshal(kb, &k); err != nil || k.Log == "" {
-			t.Fatalf("keys %s: %v", kb, err)
-		}
-		stop()
-		ck, err := region.LoadOrCreateKey(filepath.Join(c.DataDir, "witness.key"), n)
-		if err != nil {
-			t.Fatal(err)
-		}
-		// A witness key and its state are made together.
-		w, err := region.NewWitness(context.Background(), region.WitnessOptions{Key: ck, Path: filepath.Join(c.DataDir, "witness.db")})
-		if err != nil {
-			t.Fatal(err)
-		}
-		_ = w.Close()
-		logKeys[i], witnessKeys[i] = k.Log, ck.Verifier
-		c.Listen.Region = fmt.Sprintf("127.0.0.1:%d", ports[i])
-		cfgs[i] = c
-	}
-	bases := make([]string, 2)
-	servers := make([]*Server, 2)
-	for i, n := range names {
-		o := 1 - i
-		cfgs[i].Region = config.Region{Name: n, Quorum: 2, Peers: []config.RegionPeer{{
-			Name: names[o], URL: fmt.Sprintf("http://127.0.0.1:%d", ports[o]), WitnessKey: witnessKeys[o], LogKeys: []string{logKeys[o]},
-		}}}
-		bases[i], _, servers[i] = startServer(t, cfgs[i])
-	}
+	tr := twoRegions(t)
+	names, bases, servers, logKeys, witnessKeys := tr.names, tr.bases, tr.servers, tr.logKeys, tr.witnessKeys
 	// Checkpoints are published as the log grows: log a few receipts.
 	tokens := make([]string, 2)
 	for j, s := range servers {
@@ -265,4 +223,165 @@ func TestRegionsCosignEachOther(t *testing.T) {
 			t.Fatalf("policy: %d\n%s", code, pol)
 		}
 	}
+}
+
+// twoRegions runs two regions, quorum 2, that witness each other.
+type regionPair struct {
+	names, bases, logKeys, witnessKeys []string
+	servers                            []*Server
+	stops                              []func()
+	cfgs                               []config.Config
+}
+
+func twoRegions(t *testing.T) regionPair {
+	t.Helper()
+	names := []string{"us-east", "eu-west"}
+	ports, err := harness.FreePorts(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfgs := make([]config.Config, 2)
+	logKeys := make([]string, 2)
+	witnessKeys := make([]string, 2)
+	for i, n := range names {
+		c := testConfig(t)
+		c.Receipts.Origin = "knhk/" + n
+		c.Receipts.CheckpointInterval = config.Duration(200 * time.Millisecond)
+		// First start without regions: it creates the log's KMS key.
+		base, stop, _ := startServer(t, c)
+		_, kb := getBody(t, base+"/v1/keys")
+		var k struct {
+			Log string `json:"log_verifier_key"`
+		}
+		if err := json.Unmarshal(kb, &k); err != nil || k.Log == "" {
+			t.Fatalf("keys %s: %v", kb, err)
+		}
+		stop()
+		ck, err := region.LoadOrCreateKey(filepath.Join(c.DataDir, "witness.key"), n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// A witness key and its state are made together.
+		w, err := region.NewWitness(context.Background(), region.WitnessOptions{Key: ck, Path: filepath.Join(c.DataDir, "witness.db")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = w.Close()
+		logKeys[i], witnessKeys[i] = k.Log, ck.Verifier
+		c.Listen.Region = fmt.Sprintf("127.0.0.1:%d", ports[i])
+		cfgs[i] = c
+	}
+	p := regionPair{names: names, logKeys: logKeys, witnessKeys: witnessKeys, bases: make([]string, 2), servers: make([]*Server, 2), stops: make([]func(), 2), cfgs: cfgs}
+	for i, n := range names {
+		o := 1 - i
+		cfgs[i].Region = config.Region{Name: n, Quorum: 2, Peers: []config.RegionPeer{{
+			Name: names[o], URL: fmt.Sprintf("http://127.0.0.1:%d", ports[o]), WitnessKey: witnessKeys[o], LogKeys: []string{logKeys[o]},
+		}}}
+		p.bases[i], p.stops[i], p.servers[i] = startServer(t, cfgs[i])
+	}
+	return p
+}
+
+type durability struct {
+	Durable      bool   `json:"durable"`
+	Index        uint64 `json:"index"`
+	Checkpoint   string `json:"checkpoint"`
+	Cosignatures []struct {
+		Region string `json:"region"`
+	} `json:"cosignatures"`
+}
+
+func durableOf(t *testing.T, base, tok string) (durability, error) {
+	t.Helper()
+	code, b := getBody(t, base+"/v1/receipts/"+tok)
+	var d durability
+	if err := json.Unmarshal(b, &d); err != nil || code != 200 {
+		return d, fmt.Errorf("bundle: %d %s", code, b)
+	}
+	return d, nil
+}
+
+// TestDurableStaysDurable: a receipt once durable stays durable, proved
+// against the newest checkpoint that met the quorum, while the peer is
+// down and after a restart; receipts logged since read durable: false, and
+// /metrics shows the peer's lag. Without the kept checkpoint every receipt
+// reads false as soon as a checkpoint goes out without the peer.
+func TestDurableStaysDurable(t *testing.T) {
+	tr := twoRegions(t)
+	us := tr.servers[0]
+	issue := func(s *Server, path string) string {
+		tok, err := s.receipts.Issue(context.Background(), &receipt.Receipt{Time: time.Now().UnixNano(), Method: "GET", Path: path, Status: 200})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok
+	}
+	early := issue(us, "/early")
+	_ = issue(tr.servers[1], "/theirs")
+	if err := harness.Poll(30*time.Second, 100*time.Millisecond, func() error {
+		if d, err := durableOf(t, tr.bases[0], early); err != nil || !d.Durable {
+			return fmt.Errorf("not durable yet: %+v %v", d, err)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	tr.stops[1]() // eu-west goes down
+	late := issue(us, "/late")
+	// Wait for a checkpoint without eu-west's cosignature that covers late.
+	if err := harness.Poll(30*time.Second, 100*time.Millisecond, func() error {
+		d, err := durableOf(t, tr.bases[0], late)
+		if err != nil {
+			return err
+		}
+		if d.Durable {
+			t.Fatalf("a receipt logged while the only peer is down reads durable: %+v", d)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	checkStillDurable := func(base string) {
+		t.Helper()
+		d, err := durableOf(t, base, early)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !d.Durable || len(d.Cosignatures) != 1 || d.Cosignatures[0].Region != "eu-west" {
+			t.Fatalf("a durable receipt lost its durability while the peer is down: %+v", d)
+		}
+		lv, _ := fnote.NewVerifier(tr.logKeys[0])
+		cv, _ := fnote.NewVerifierForCosignatureV1(tr.witnessKeys[1])
+		if n, err := note.Open([]byte(d.Checkpoint), note.VerifierList(lv, cv)); err != nil || len(n.Sigs) != 2 {
+			t.Fatalf("its checkpoint does not carry the log's and eu-west's signatures: %v\n%s", err, d.Checkpoint)
+		}
+		var b receipt.Bundle
+		var k receipt.PublishedKeys
+		_, bb := getBody(t, base+"/v1/receipts/"+early)
+		_, kb := getBody(t, base+"/v1/keys")
+		if err := errors.Join(json.Unmarshal(bb, &b), json.Unmarshal(kb, &k)); err != nil {
+			t.Fatal(err)
+		}
+		b.Token = early
+		if cs := receipt.Verify(b, k); cs[len(cs)-1].Err != nil || cs[len(cs)-1].Name != "inclusion" {
+			t.Fatalf("the bundle against the quorum checkpoint does not verify: %+v", cs)
+		}
+	}
+	checkStillDurable(tr.bases[0])
+	// The metrics follow the published checkpoints a moment later.
+	if err := harness.Poll(10*time.Second, 50*time.Millisecond, func() error {
+		page := metricsPage(t, tr.bases[0])
+		for _, want := range []string{"knhk_region_quorum_met 0", `knhk_region_peer_lag_entries{peer="eu-west"} 1`, "knhk_region_durable_lag_entries 1"} {
+			if !strings.Contains(page, want) {
+				return fmt.Errorf("/metrics lacks %q:\n%s", want, grepLines(page, "knhk_region"))
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	// After a restart, still durable: the quorum checkpoint was kept.
+	tr.stops[0]()
+	base, _, _ := startServer(t, tr.cfgs[0])
+	checkStillDurable(base)
 }

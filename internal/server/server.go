@@ -401,6 +401,10 @@ func (s *Server) Serve(ctx context.Context) error {
 	go s.rollout.Run(s.ctx)
 	if s.receipts != nil {
 		go s.receipts.Run(s.ctx)
+		if s.region != nil {
+			s.region.tracked = make(chan struct{})
+			go s.region.track(s.ctx, s.receipts, s.log)
+		}
 	}
 	go s.webhooks.Run(s.ctx)
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
@@ -495,6 +499,9 @@ func (s *Server) closeBy(deadline time.Time) {
 			_ = s.region.lis.Close()
 		}
 		_ = s.region.witness.Close()
+		if s.region.tracked != nil {
+			<-s.region.tracked // s.cancel above ends it
+		}
 	}
 	if s.receipts != nil {
 		// At least a moment, so the index and the journal close cleanly.

@@ -256,6 +256,15 @@ func (l *Log) Checkpoint(ctx context.Context) (*log.Checkpoint, []byte, error) {
 	return cp, raw, nil
 }
 
+// Open verifies a checkpoint note signed with one of the log's keys.
+func (l *Log) Open(raw []byte) (*log.Checkpoint, error) {
+	cp, err := openCheckpoint(raw, l.origin, *l.verifiers.Load())
+	if err != nil {
+		return nil, fmt.Errorf("receipt log checkpoint: %w", err)
+	}
+	return cp, nil
+}
+
 // openCheckpoint verifies a checkpoint note and parses its body.
 func openCheckpoint(raw []byte, origin string, vs []note.Verifier) (*log.Checkpoint, error) {
 	n, err := note.Open(raw, note.VerifierList(vs...))

@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/transparency-dev/formats/log"
 	"k8s.io/klog/v2"
 
 	"github.com/knhk/knhk/internal/fsutil"
@@ -81,10 +82,12 @@ type PublishedKMSKey struct {
 	LogVerifierKey string `json:"log_verifier_key"`
 }
 
-// ErrNotFound and ErrNotIntegrated are the two reasons a bundle is missing.
+// ErrNotFound and ErrNotIntegrated are the two reasons a bundle is
+// missing; ErrNotCovered, that BundleAt's checkpoint predates the receipt.
 var (
 	ErrNotFound      = errors.New("no such receipt")
 	ErrNotIntegrated = errors.New("receipt not yet in a signed checkpoint")
+	ErrNotCovered    = errors.New("receipt not in the given checkpoint")
 )
 
 // NotIntegratedError is ErrNotIntegrated with when to ask again.
@@ -486,8 +489,16 @@ func (s *Service) done(id [16]byte) {
 	<-s.inflight
 }
 
-// Bundle returns a receipt with its proof and the checkpoint it is in.
+// Bundle returns a receipt with its proof and the latest checkpoint.
 func (s *Service) Bundle(ctx context.Context, id [16]byte) (Bundle, error) {
+	return s.BundleAt(ctx, id, nil)
+}
+
+// BundleAt is Bundle proved against the signed checkpoint given (one of
+// this log's, verified here) instead of the latest: regions prove a
+// receipt against the newest checkpoint that met their quorum. A receipt
+// that checkpoint does not cover is ErrNotCovered.
+func (s *Service) BundleAt(ctx context.Context, id [16]byte, checkpoint []byte) (Bundle, error) {
 	e, ok, err := s.index.get(id)
 	if err != nil {
 		return Bundle{}, err
@@ -501,8 +512,16 @@ func (s *Service) Bundle(ctx context.Context, id [16]byte) (Bundle, error) {
 		}
 		return Bundle{}, ErrNotFound
 	}
-	cp, raw, err := s.rlog.Checkpoint(ctx)
-	if err != nil || cp.Size <= e.index {
+	var cp *log.Checkpoint
+	raw := checkpoint
+	if checkpoint != nil {
+		if cp, err = s.rlog.Open(checkpoint); err != nil {
+			return Bundle{}, err
+		}
+		if cp.Size <= e.index {
+			return Bundle{}, ErrNotCovered
+		}
+	} else if cp, raw, err = s.rlog.Checkpoint(ctx); err != nil || cp.Size <= e.index {
 		return Bundle{}, s.notIntegrated(false)
 	}
 	data, err := s.rlog.Entry(ctx, e.index, cp.Size)
