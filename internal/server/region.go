@@ -42,13 +42,22 @@ type regionParts struct {
 // only the peers' SPIFFE IDs under identity, loopback plaintext otherwise
 // (config validation refuses anything else).
 func (s *Server) openRegion(cfg *config.Config) error {
-	keyPath := cfg.Region.WitnessKey
-	if keyPath == "" {
-		keyPath = filepath.Join(cfg.DataDir, "witness.key")
+	var key *region.Cosigner
+	var err error
+	if k := cfg.Region.WitnessKMS; k.Provider == "vault" {
+		// Token empty: VAULT_TOKEN, as for receipts.kms. Errors name their key.
+		key, err = region.OpenVaultKey(s.ctx, region.VaultKeyConfig{Address: k.Endpoint, Mount: k.Mount, Key: k.KeyID, Name: cfg.Region.Name})
+	} else {
+		keyPath := cfg.Region.WitnessKey
+		if keyPath == "" {
+			keyPath = filepath.Join(cfg.DataDir, "witness.key")
+		}
+		if key, err = region.LoadOrCreateKey(keyPath, cfg.Region.Name); err != nil {
+			err = fmt.Errorf("region.witness_key: %w", err)
+		}
 	}
-	key, err := region.LoadOrCreateKey(keyPath, cfg.Region.Name)
 	if err != nil {
-		return fmt.Errorf("region.witness_key: %w", err)
+		return err
 	}
 	var logs, vkeys []string
 	allowed := make([]spiffeid.ID, 0, len(cfg.Region.Peers))

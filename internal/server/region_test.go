@@ -320,7 +320,7 @@ func TestDurableStaysDurable(t *testing.T) {
 	_ = issue(tr.servers[1], "/theirs")
 	if err := harness.Poll(30*time.Second, 100*time.Millisecond, func() error {
 		if d, err := durableOf(t, tr.bases[0], early); err != nil || !d.Durable {
-			return fmt.Errorf("not durable yet: %+v %v", d, err)
+			return fmt.Errorf("not durable yet: %+v: %w", d, err)
 		}
 		return nil
 	}); err != nil {

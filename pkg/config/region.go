@@ -4,6 +4,7 @@ import (
 	"encoding/base64"
 	"net"
 	"net/url"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -23,8 +24,20 @@ type Region struct {
 	Quorum int `yaml:"quorum"`
 	// WitnessKey is the Ed25519 cosigning key file (default
 	// <data_dir>/witness.key, created 0600 on first start).
-	WitnessKey string       `yaml:"witness_key"`
+	WitnessKey string `yaml:"witness_key"`
+	// WitnessKMS keeps the cosigning key in a KMS instead of the key
+	// file: a Vault Transit ed25519 key.
+	WitnessKMS WitnessKMS   `yaml:"witness_kms"`
 	Peers      []RegionPeer `yaml:"peers"`
+}
+
+// WitnessKMS names a KMS key that cosigns for this region. Only Vault
+// Transit is offered: the cosignature (tlog-cosignature/v1) needs Ed25519.
+type WitnessKMS struct {
+	Provider string `yaml:"provider"` // empty (the key file region.witness_key) | vault
+	Endpoint string `yaml:"endpoint"` // vault: the server address
+	KeyID    string `yaml:"key_id"`   // vault: the Transit key's name (type ed25519)
+	Mount    string `yaml:"mount"`    // vault: the Transit mount (default transit); the token comes from VAULT_TOKEN
 }
 
 // RegionPeer is another region: where to reach it, who it is, and the
@@ -49,7 +62,7 @@ func (c *Config) RegionEnabled() bool { return c.Listen.Region != "" }
 func (c *Config) validateRegion(fail failFunc) error {
 	r := &c.Region
 	if !c.RegionEnabled() {
-		if r.Name != "" || len(r.Peers) > 0 {
+		if r.Name != "" || len(r.Peers) > 0 || r.WitnessKMS != (WitnessKMS{}) {
 			return fail("listen.region", "region.* is set but listen.region is empty: set the address the peers push checkpoints to")
 		}
 		return nil
@@ -63,6 +76,9 @@ func (c *Config) validateRegion(fail failFunc) error {
 	}
 	if !validKeyName(r.Name) {
 		return fail("region.name", "%q: needs a name without spaces or '+' (it names this region's witness key)", r.Name)
+	}
+	if err := c.validateWitnessKMS(fail); err != nil {
+		return err
 	}
 	if r.Quorum < 0 || r.Quorum > 1+len(r.Peers) {
 		return fail("region.quorum", "must be 0 (a majority) to %d (this region and its %d peers), got %d", 1+len(r.Peers), len(r.Peers), r.Quorum)
@@ -127,6 +143,51 @@ func (c *Config) validateRegion(fail failFunc) error {
 		}
 	}
 	return nil
+}
+
+// validateWitnessKMS checks region.witness_kms. The endpoint follows
+// receipts.kms' Vault rule (required, any address): Vault is reached
+// over its own TLS and token, not the SPIFFE mTLS.
+func (c *Config) validateWitnessKMS(fail failFunc) error {
+	k := &c.Region.WitnessKMS
+	switch k.Provider {
+	case "":
+		if *k != (WitnessKMS{}) {
+			return fail("region.witness_kms.provider", "region.witness_kms is set without a provider: set provider: vault, or remove it to use the key file")
+		}
+		return nil
+	case "vault":
+	default:
+		return fail("region.witness_kms.provider", "%q: want vault (a Transit ed25519 key), or no region.witness_kms for the key file", k.Provider)
+	}
+	if c.Region.WitnessKey != "" {
+		return fail("region.witness_kms", "set region.witness_key (a key file) or region.witness_kms (a Vault key), not both")
+	}
+	if k.Endpoint == "" {
+		return fail("region.witness_kms.endpoint", "the Vault server address is required for the vault provider")
+	}
+	if k.KeyID == "" {
+		return fail("region.witness_kms.key_id", "the Transit key's name is required for the vault provider")
+	}
+	if !transitKeyName.MatchString(k.KeyID) {
+		return fail("region.witness_kms.key_id", "%q: a Transit key name (letters, digits, '_', '-' and '.')", k.KeyID)
+	}
+	rk := &c.Receipts.KMS
+	if rk.Provider == "vault" && rk.KeyID == k.KeyID && strings.TrimRight(rk.Endpoint, "/") == strings.TrimRight(k.Endpoint, "/") &&
+		transitMount(rk.Mount) == transitMount(k.Mount) {
+		return fail("region.witness_kms.key_id", "%q is also receipts.kms.key_id: the witness key and the log's checkpoint key must be two keys", k.KeyID)
+	}
+	return nil
+}
+
+// transitKeyName is Vault's pattern for a key name in a Transit path.
+var transitKeyName = regexp.MustCompile(`^\w([\w.-]*\w)?$`)
+
+func transitMount(m string) string {
+	if m = strings.Trim(m, "/"); m == "" {
+		return "transit"
+	}
+	return m
 }
 
 // RegionQuorum is region.quorum, or a majority of the regions when unset.

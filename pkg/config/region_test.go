@@ -68,3 +68,37 @@ func TestRegionConfig(t *testing.T) {
 		{"listen:\n  region: 127.0.0.1:9443\nreceipts:\n  origin: knhk/eu-west\nregion:\n  name: us-east\n  peers:\n    - " + fmt.Sprintf("{name: eu-west, url: \"http://127.0.0.2:9443\", %s}", good) + "\n", "region.peers[0].log_keys[0]: names origin \"knhk/eu-west\", this region's own receipts.origin"},
 	})
 }
+
+func TestRegionWitnessKMS(t *testing.T) {
+	region := func(s string) string {
+		return "listen:\n  region: 127.0.0.1:9443\nregion:\n  name: us-east\n" + s
+	}
+	c, err := Parse("r.yaml", []byte(region("  witness_kms: {provider: vault, endpoint: \"https://vault.example:8200\", key_id: knhk-us-east, mount: kms/transit}\n")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k := c.Region.WitnessKMS; k.Provider != "vault" || k.Endpoint != "https://vault.example:8200" || k.KeyID != "knhk-us-east" || k.Mount != "kms/transit" {
+		t.Fatalf("%+v", k)
+	}
+	// Without identity, any endpoint receipts.kms' Vault provider takes:
+	// Vault has its own TLS and token.
+	if _, err := Parse("r.yaml", []byte(region("  witness_kms: {provider: vault, endpoint: \"http://10.0.0.9:8200\", key_id: w}\n"))); err != nil {
+		t.Fatalf("a non-loopback Vault without identity: %v", err)
+	}
+	// The same key name in another mount, or on another Vault, is another key.
+	if _, err := Parse("r.yaml", []byte("receipts:\n  kms: {provider: vault, endpoint: \"http://127.0.0.1:8200\", key_id: k}\n"+
+		region("  witness_kms: {provider: vault, endpoint: \"http://127.0.0.1:8200\", key_id: k, mount: witness}\n"))); err != nil {
+		t.Fatalf("the same name under another mount: %v", err)
+	}
+	expectErrors(t, "r.yaml", []errCase{
+		{"region:\n  witness_kms: {provider: vault, endpoint: \"http://127.0.0.1:8200\", key_id: w}\n", "listen.region: region.* is set but listen.region is empty"},
+		{region("  witness_kms: {provider: aws, endpoint: \"http://127.0.0.1:8200\", key_id: w}\n"), "region.witness_kms.provider: \"aws\": want vault"},
+		{region("  witness_kms: {endpoint: \"http://127.0.0.1:8200\", key_id: w}\n"), "region.witness_kms.provider: region.witness_kms is set without a provider"},
+		{region("  witness_kms: {provider: vault, key_id: w}\n"), "region.witness_kms.endpoint: the Vault server address is required"},
+		{region("  witness_kms: {provider: vault, endpoint: \"http://127.0.0.1:8200\"}\n"), "region.witness_kms.key_id: the Transit key's name is required"},
+		{region("  witness_kms: {provider: vault, endpoint: \"http://127.0.0.1:8200\", key_id: \"../sys/x\"}\n"), "region.witness_kms.key_id: \"../sys/x\": a Transit key name"},
+		{region("  witness_key: /etc/knhk/witness.key\n  witness_kms: {provider: vault, endpoint: \"http://127.0.0.1:8200\", key_id: w}\n"), "region.witness_kms: set region.witness_key (a key file) or region.witness_kms (a Vault key), not both"},
+		{"receipts:\n  kms: {provider: vault, endpoint: \"http://127.0.0.1:8200/\", key_id: k}\n" + region("  witness_kms: {provider: vault, endpoint: \"http://127.0.0.1:8200\", key_id: k, mount: /transit/}\n"),
+			"region.witness_kms.key_id: \"k\" is also receipts.kms.key_id"},
+	})
+}

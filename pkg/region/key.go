@@ -20,15 +20,19 @@ import (
 )
 
 // Cosigner is this region's witness key: a tlog-cosignature/v1 signer and
-// the verifier key ("vkey") peers pin for it.
+// the verifier key ("vkey") peers pin for it. LoadOrCreateKey opens a
+// local key file, OpenVaultKey a Vault Transit key.
 type Cosigner struct {
 	Signer   note.Signer
 	Verifier string
-	// Created: the key has never been bound to a witness state, so it
-	// never cosigned anything. It lives at <path>.new until NewWitness
-	// binds it, then takes its place at path.
+	// Created: a witness state that records no key may adopt this one.
+	// A key file is Created when it has never been bound to a witness
+	// state, so it never cosigned anything: it lives at <path>.new until
+	// NewWitness binds it, then takes its place at path. A Vault key is
+	// always Created, since knhk cannot know whether it cosigned before;
+	// a state made for another key refuses it all the same.
 	Created bool
-	path    string
+	path    string // the key file; empty for a Vault key
 }
 
 // pendingSuffix marks a key not yet bound to a witness state: a crash
@@ -36,9 +40,13 @@ type Cosigner struct {
 // start binds it rather than refusing a key that never signed.
 const pendingSuffix = ".new"
 
-// commit moves a newly bound key to its path.
+// commit moves a newly bound key file to its path.
 func (c *Cosigner) commit() error {
 	if !c.Created {
+		return nil
+	}
+	if c.path == "" { // in Vault: nothing to move
+		c.Created = false
 		return nil
 	}
 	if err := os.Rename(c.path+pendingSuffix, c.path); err != nil {

@@ -65,7 +65,9 @@ func (p *cosigningPeers) checkpoint(t *testing.T, size uint64, by ...int) []byte
 	return b
 }
 
-func (p *cosigningPeers) quorum(t *testing.T, path string, need int, reg prometheus.Registerer, peers ...int) *Quorum {
+// quorum is a Quorum of 2 (this region and one peer) over the given peers.
+func (p *cosigningPeers) quorum(t *testing.T, path string, reg prometheus.Registerer, peers ...int) *Quorum {
+	const need = 2
 	t.Helper()
 	var vkeys, names []string
 	for _, i := range peers {
@@ -89,7 +91,7 @@ func TestQuorumKeepsTheNewestDurableCheckpoint(t *testing.T) {
 	p := newCosigningPeers(t, "eu-west", "ap-south")
 	path := filepath.Join(t.TempDir(), "quorum.checkpoint")
 	reg := prometheus.NewRegistry()
-	q := p.quorum(t, path, 2, reg, 0, 1)
+	q := p.quorum(t, path, reg, 0, 1)
 	now := time.Unix(1000, 0)
 
 	cp5 := p.checkpoint(t, 5, 0)
@@ -128,12 +130,12 @@ func TestQuorumKeepsTheNewestDurableCheckpoint(t *testing.T) {
 	}
 
 	// Restart: still durable up to 5.
-	q2 := p.quorum(t, path, 2, nil, 0, 1)
+	q2 := p.quorum(t, path, nil, 0, 1)
 	if st := q2.State(); st.DurableSize != 5 || !bytes.Equal(st.Durable, cp5) {
 		t.Fatalf("after a restart: %+v", st)
 	}
 	// A restart with eu-west no longer a peer does not trust what it cosigned.
-	q3 := p.quorum(t, path, 2, nil, 1)
+	q3 := p.quorum(t, path, nil, 1)
 	if st := q3.State(); st.Durable != nil {
 		t.Fatalf("a checkpoint cosigned by a removed peer still counts: %+v", st)
 	}
@@ -164,7 +166,7 @@ func TestQuorumKeepsTheNewestDurableCheckpoint(t *testing.T) {
 func TestQuorumRefusesJunk(t *testing.T) {
 	p := newCosigningPeers(t, "eu-west")
 	path := filepath.Join(t.TempDir(), "quorum.checkpoint")
-	q := p.quorum(t, path, 2, nil, 0)
+	q := p.quorum(t, path, nil, 0)
 	for _, junk := range []string{"", "origin", "origin\n", "origin\n007\n", "origin\n-1\n", "origin\n99999999999999999999\n"} {
 		if err := q.Observe([]byte(junk), time.Now()); err == nil {
 			t.Fatalf("%q observed", junk)
@@ -186,7 +188,7 @@ func TestQuorumRefusesJunk(t *testing.T) {
 // bookkeeping without end.
 func TestQuorumPendingIsBounded(t *testing.T) {
 	p := newCosigningPeers(t, "eu-west")
-	q := p.quorum(t, filepath.Join(t.TempDir(), "q"), 2, nil, 0)
+	q := p.quorum(t, filepath.Join(t.TempDir(), "q"), nil, 0)
 	for size := uint64(1); size <= maxPending+50; size++ {
 		if err := q.Observe(p.checkpoint(t, size), time.Now()); err != nil {
 			t.Fatal(err)
