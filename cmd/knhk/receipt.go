@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -12,12 +13,13 @@ import (
 	"time"
 
 	"github.com/knhk/knhk/pkg/receipt"
+	"github.com/knhk/knhk/pkg/region"
 )
 
 // receiptCmd is `knhk receipt verify`.
 func receiptCmd(args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 || args[0] != "verify" {
-		fmt.Fprintln(stderr, "usage: knhk receipt verify [--keys FILE|URL] [--bundle FILE|URL] [--admin HOST:PORT|URL] [--wait DURATION] [TOKEN]")
+		fmt.Fprintln(stderr, "usage: knhk receipt verify [--keys FILE|URL] [--bundle FILE|URL] [--policy FILE] [--admin HOST:PORT|URL] [--wait DURATION] [TOKEN]")
 		return 2
 	}
 	fs := flag.NewFlagSet("receipt verify", flag.ContinueOnError)
@@ -25,6 +27,8 @@ func receiptCmd(args []string, stdout, stderr io.Writer) int {
 	adminURL(fs)
 	keysSrc := fs.String("keys", "", "published keys (GET /v1/keys) as a file or URL; default: the admin URL's")
 	bundleSrc := fs.String("bundle", "", "the JSON of GET /v1/receipts/{id} as a file or URL; default: fetched for TOKEN")
+	policySrc := fs.String("policy", "", "a witness policy `FILE` (the grammar \"knhk region policy\" prints) that the verifier keeps; "+
+		"never fetched: the checkpoint must be signed by one of its log keys, not the published ones, and cosigned to its quorum")
 	var wait waitFlag
 	fs.Var(&wait, "wait", "how long to keep asking while the receipt is not yet in a signed checkpoint; "+
 		"default: one checkpoint interval as the server reports it, plus a second; 0: do not wait")
@@ -32,6 +36,14 @@ func receiptCmd(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	token := strings.TrimSpace(fs.Arg(0))
+	var policy *region.WitnessPolicy
+	if *policySrc != "" {
+		var err error
+		if policy, err = loadPolicy(*policySrc); err != nil {
+			fmt.Fprintln(stderr, "knhk receipt verify: policy:", err)
+			return 1
+		}
+	}
 	if *keysSrc == "" || *bundleSrc == "" {
 		base, err := adminFlagBase(fs)
 		if err != nil {
@@ -62,8 +74,20 @@ func receiptCmd(args []string, stdout, stderr io.Writer) int {
 	if token != "" {
 		b.Token = token // the client's copy carries its signature (and, kr2, its batch's audit path)
 	}
+	var instead *receipt.Check // the policy's own answer in the checkpoint check's place
+	if policy != nil {
+		// The policy is the trust root: the checkpoint is verified with its
+		// log keys alone, never with those the origin publishes.
+		instead = policyCheckpoint(policy, []byte(b.Checkpoint), &keys)
+	}
 	checks := receipt.Verify(b, keys)
+	if policy != nil && instead == nil && checks[len(checks)-1].Err == nil {
+		checks = append(checks, receipt.Check{Name: "policy", Err: policy.Check([]byte(b.Checkpoint))})
+	}
 	for _, c := range checks {
+		if c.Name == "checkpoint" && instead != nil {
+			c = *instead
+		}
 		if c.Err != nil {
 			fmt.Fprintf(stdout, "✗ %-11s %v\n", c.Name, c.Err)
 			fmt.Fprintf(stderr, "knhk receipt verify: %s check failed\n", c.Name)
@@ -73,6 +97,46 @@ func receiptCmd(args []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stdout, "receipt %d verified\n", b.Index)
 	return 0
+}
+
+// maxPolicy bounds a policy file: a few lines per region.
+const maxPolicy = 1 << 20
+
+// loadPolicy reads and parses --policy: a file only, since a policy
+// fetched from the log it vouches for would vouch for nothing.
+func loadPolicy(path string) (*region.WitnessPolicy, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer func() { _ = f.Close() }()
+	text, err := io.ReadAll(io.LimitReader(f, maxPolicy+1))
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if len(text) > maxPolicy {
+		return nil, fmt.Errorf("%s: over %d bytes", path, maxPolicy)
+	}
+	return region.ParseWitnessPolicy(path, text)
+}
+
+// policyCheckpoint opens the checkpoint with the policy's log keys and
+// makes the key that signed it the only log key the other checks use, so
+// inclusion is proved against a checkpoint the policy vouches for. It
+// returns the check to report in the checkpoint check's place when the
+// policy does not vouch for it: "policy" for a policy without a log key,
+// "checkpoint" for a checkpoint none of its keys signed.
+func policyCheckpoint(p *region.WitnessPolicy, checkpoint []byte, keys *receipt.PublishedKeys) *receipt.Check {
+	keys.LogVerifierKey, keys.LogVerifierKeys = "", nil
+	vc, err := p.OpenCheckpoint(checkpoint)
+	switch {
+	case errors.Is(err, region.ErrPolicyNoLog):
+		return &receipt.Check{Name: "policy", Err: err}
+	case err != nil:
+		return &receipt.Check{Name: "checkpoint", Err: err}
+	}
+	keys.LogVerifierKey, keys.LogVerifierKeys = vc.LogKey, []string{vc.LogKey}
+	return nil
 }
 
 // waitFlag is --wait: unset means "what the server says".
