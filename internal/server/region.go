@@ -105,11 +105,20 @@ func (s *Server) openRegion(cfg *config.Config) error {
 // witnessing has the receipt log ask every peer region to cosign each
 // checkpoint, under the policy `knhk region policy` prints.
 func (s *Server) witnessing(cfg *config.Config, signer kms.Signer) (receipt.Witnessing, error) {
-	policy, err := regionPolicy(cfg, signer)
+	policy, err := regionPolicy(cfg, signer, cfg.RegionQuorum())
 	if err != nil {
 		return receipt.Witnessing{}, err
 	}
-	g, err := tessera.NewWitnessGroupFromPolicy(policy)
+	// Tessera stops asking once its policy is met, so a policy of quorum −
+	// 1 peers would publish only the fastest peers' cosignatures, and the
+	// others' progress would go unseen. It is asked for every peer instead:
+	// each checkpoint carries all that came back within witnessTimeout
+	// (FailOpen), and quorum is judged by this region (regionParts.bundle).
+	push, err := regionPolicy(cfg, signer, 1+len(cfg.Region.Peers))
+	if err != nil {
+		return receipt.Witnessing{}, err
+	}
+	g, err := tessera.NewWitnessGroupFromPolicy(push)
 	if err != nil {
 		return receipt.Witnessing{}, fmt.Errorf("region: witness policy: %w", err)
 	}
@@ -150,8 +159,8 @@ func hostPort(u *url.URL) string {
 // before it is published with those that came back.
 const witnessTimeout = 3 * time.Second
 
-// regionPolicy is this region's witness policy.
-func regionPolicy(cfg *config.Config, signer kms.Signer) ([]byte, error) {
+// regionPolicy is this region's witness policy, needing quorum regions.
+func regionPolicy(cfg *config.Config, signer kms.Signer, quorum int) ([]byte, error) {
 	logKey, err := receipt.VerifierKey(cfg.Receipts.Origin, signer)
 	if err != nil {
 		return nil, err
@@ -160,7 +169,7 @@ func regionPolicy(cfg *config.Config, signer kms.Signer) ([]byte, error) {
 	for _, p := range cfg.Region.Peers {
 		peers = append(peers, region.PeerWitness{Name: p.Name, Key: p.WitnessKey, URL: p.URL})
 	}
-	return region.Policy(cfg.Receipts.Origin, logKey, peers, cfg.RegionQuorum()), nil
+	return region.Policy(cfg.Receipts.Origin, logKey, peers, quorum), nil
 }
 
 // RegionAddr is listen.region as bound ("" when regions are off).

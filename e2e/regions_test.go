@@ -1,0 +1,387 @@
+package e2e
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	fnote "github.com/transparency-dev/formats/note"
+	"golang.org/x/mod/sumdb/note"
+
+	"github.com/knhk/knhk/internal/harness"
+	"github.com/knhk/knhk/pkg/config"
+)
+
+// region is one of the three knhk processes of the regions test.
+type region struct {
+	name, ip   string
+	cfg        config.Config
+	k          *harness.Knhk // eu-west and ap-south; us-east runs in stack
+	stack      *harness.Stack
+	logKey     string
+	witnessKey string
+}
+
+func (r *region) knhk() *harness.Knhk {
+	if r.stack != nil {
+		return r.stack.Knhk
+	}
+	return r.k
+}
+
+// regionConfig is a standalone knhk on ip with receipts and listen.region.
+func regionConfig(t *testing.T, name, ip string) config.Config {
+	t.Helper()
+	ports, err := harness.FreePorts(4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := config.Default()
+	c.Listen.GRPC = ip + ":" + strconv.Itoa(ports[0])
+	c.Listen.Admin = ip + ":" + strconv.Itoa(ports[1])
+	c.Listen.XDS = ip + ":" + strconv.Itoa(ports[2])
+	c.Listen.Region = ip + ":" + strconv.Itoa(ports[3])
+	c.DataDir = filepath.Join(t.TempDir(), "data")
+	c.Upstreams.Stable, c.Upstreams.Canary = []string{"127.0.0.1:1"}, []string{"127.0.0.1:2"}
+	c.Receipts.Enabled = true
+	c.Receipts.Origin = "knhk/" + name
+	c.Receipts.CheckpointInterval = config.Duration(500 * time.Millisecond)
+	c.Region = config.Region{Name: name, Quorum: 2}
+	return c
+}
+
+// bootstrap starts a region once with no peers, which mints its log key
+// and its witness key, and reads both from GET /v1/keys.
+func (r *region) bootstrap(t *testing.T, lg io.Writer) {
+	t.Helper()
+	c := r.cfg
+	c.Region.Quorum = 0 // alone: a majority of one
+	k, err := harness.StartKnhk(filepath.Join(binDir, "knhk"), t.TempDir(), c, lg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = k.Stop(10 * time.Second) }()
+	if err := k.WaitReady(30 * time.Second); err != nil {
+		t.Fatalf("%s: %v", r.name, err)
+	}
+	b, err := k.Get("/v1/keys")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keys struct {
+		Log     string `json:"log_verifier_key"`
+		Witness string `json:"witness_verifier_key"`
+	}
+	if err := json.Unmarshal(b, &keys); err != nil || keys.Log == "" || keys.Witness == "" {
+		t.Fatalf("%s: /v1/keys %s: %v", r.name, b, err)
+	}
+	r.logKey, r.witnessKey = keys.Log, keys.Witness
+}
+
+// regionMetric reads one series (name with its labels) of a knhk's /metrics.
+func regionMetric(t *testing.T, k *harness.Knhk, series string) float64 {
+	t.Helper()
+	v, err := metric(k.AdminURL(), series)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+type durability struct {
+	Durable      bool   `json:"durable"`
+	Index        uint64 `json:"index"`
+	Cosignatures []struct {
+		Region string `json:"region"`
+	} `json:"cosignatures"`
+}
+
+func bundleOf(k *harness.Knhk, tok string) (durability, error) {
+	var d durability
+	b, err := k.Get("/v1/receipts/" + tok)
+	if err != nil {
+		return d, err
+	}
+	return d, json.Unmarshal(b, &d)
+}
+
+// receiptNow sends one request through us-east's Envoy and returns its
+// receipt token.
+func receiptNow(t *testing.T, s *harness.Stack, user string) string {
+	t.Helper()
+	r, err := get(s.URL+"/now", map[string]string{"x-user-id": user})
+	if err != nil || r.status != http.StatusOK || r.header.Get("x-knhk-receipt") == "" {
+		t.Fatalf("request through us-east: %+v %v", r, err)
+	}
+	return r.header.Get("x-knhk-receipt")
+}
+
+func postCheckpoint(url string, body []byte) (int, string, error) {
+	resp, err := http.Post(url+"/add-checkpoint", "text/plain", bytes.NewReader(body))
+	if err != nil {
+		return 0, "", err
+	}
+	defer func() { _ = resp.Body.Close() }()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), nil
+}
+
+// TestRegionsWitnessEachOther: three knhk processes on 127.0.0.1, .2 and
+// .3 witness each other's receipt logs, every push going through a real
+// Toxiproxy so the test can cut and restore each link. Under load through
+// us-east's Envoy:
+//   - every receipt becomes durable (quorum 2 of 3) and `knhk receipt
+//     verify --policy` passes against a policy the test writes itself;
+//   - eu-west partitioned for 30 s: quorum continues with ap-south, and
+//     eu-west catches up once healed;
+//   - both peers cut off: receipts are still served, and read durable:
+//     false until one peer returns;
+//   - eu-west killed (-9) while pushes flow: after its restart it refuses
+//     a checkpoint older than what it cosigned, and cosigns on;
+//   - a forged checkpoint is refused, kept as evidence and counted;
+//   - no receipt issued during the test is lost.
+func TestRegionsWitnessEachOther(t *testing.T) {
+	needEnvoy(t)
+	lg := logs(t)
+	regions := []*region{{name: "us-east", ip: "127.0.0.1"}, {name: "eu-west", ip: "127.0.0.2"}, {name: "ap-south", ip: "127.0.0.3"}}
+	for _, r := range regions {
+		r.cfg = regionConfig(t, r.name, r.ip)
+		r.bootstrap(t, lg)
+	}
+	tp, err := harness.StartToxiproxy(lg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(tp.Close)
+	// One proxy per direction, so a partition cuts both ways.
+	link := func(from, to *region) string { return from.name + "-to-" + to.name }
+	ports, err := harness.FreePorts(6)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, from := range regions {
+		from.cfg.Region.Peers = nil
+		for _, to := range regions {
+			if from == to {
+				continue
+			}
+			listen := "127.0.0.1:" + strconv.Itoa(ports[0])
+			ports = ports[1:]
+			if err := tp.Proxy(link(from, to), listen, to.cfg.Listen.Region); err != nil {
+				t.Fatal(err)
+			}
+			from.cfg.Region.Peers = append(from.cfg.Region.Peers, config.RegionPeer{
+				Name: to.name, URL: "http://" + listen, WitnessKey: to.witnessKey, LogKeys: []string{to.logKey},
+			})
+		}
+	}
+	setLinks := func(r *region, on bool, others ...*region) {
+		t.Helper()
+		for _, o := range others {
+			for _, name := range []string{link(r, o), link(o, r)} {
+				if err := tp.SetEnabled(name, on); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	us, eu, ap := regions[0], regions[1], regions[2]
+	for _, r := range []*region{eu, ap} {
+		if r.k, err = harness.StartKnhk(filepath.Join(binDir, "knhk"), t.TempDir(), r.cfg, lg, nil); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = r.k.Stop(10 * time.Second) })
+		if err := r.k.WaitReady(30 * time.Second); err != nil {
+			t.Fatalf("%s: %v", r.name, err)
+		}
+	}
+	us.stack = startStack(t, harness.StackOptions{Weight: 0, Logs: lg, Configure: func(c *config.Config) {
+		c.DataDir, c.Receipts, c.Region, c.Listen.Region = us.cfg.DataDir, us.cfg.Receipts, us.cfg.Region, us.cfg.Listen.Region
+	}})
+	usK := us.stack.Knhk
+
+	const rate = 100
+	load := harness.StartLoad(us.stack.URL, rate, "region")
+	loadStart := time.Now()
+	defer load.Stop()
+
+	// Normal: durable by both peers, and verified against our own policy.
+	first := receiptNow(t, us.stack, "first")
+	err = harness.Poll(30*time.Second, 200*time.Millisecond, func() error {
+		d, err := bundleOf(usK, first)
+		if err != nil || !d.Durable || len(d.Cosignatures) != 2 {
+			return fmt.Errorf("not durable by both peers yet: %+v %v", d, err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	policy := filepath.Join(t.TempDir(), "policy")
+	pol := fmt.Sprintf("log %s\nwitness eu-west %s\nwitness ap-south %s\ngroup peers 1 eu-west ap-south\nquorum peers\n", us.logKey, eu.witnessKey, ap.witnessKey)
+	if err := os.WriteFile(policy, []byte(pol), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := runCmd(binDir+"/knhk", "receipt", "verify", "--policy", policy, "--admin", usK.AdminURL(), first); err != nil || !strings.Contains(out, "✓ policy") {
+		t.Fatalf("receipt verify --policy: %v\n%s", err, out)
+	}
+	// A policy that needs a witness that never cosigned names the check.
+	_, stranger, _ := note.GenerateKey(rand.Reader, "stranger")
+	strict := filepath.Join(t.TempDir(), "strict")
+	if err := os.WriteFile(strict, []byte(fmt.Sprintf("log %s\nwitness stranger %s\nquorum stranger\n", us.logKey, cosigKey(t, stranger))), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := runCmd(binDir+"/knhk", "receipt", "verify", "--policy", strict, "--admin", usK.AdminURL(), first); err == nil || !strings.Contains(out, "policy") {
+		t.Fatalf("receipt verify with a policy its cosignatures cannot meet passed: %v\n%s", err, out)
+	}
+	oldCheckpoint, err := usK.Get("/v1/checkpoint")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// eu-west partitioned for 30 s under load.
+	setLinks(eu, false, us, ap)
+	partitioned := time.Now()
+	during := ""
+	err = harness.Poll(60*time.Second, 500*time.Millisecond, func() error {
+		if during == "" && time.Since(partitioned) > 5*time.Second {
+			during = receiptNow(t, us.stack, "during")
+		}
+		if during == "" {
+			return fmt.Errorf("partition just began")
+		}
+		d, err := bundleOf(usK, during)
+		if err != nil || !d.Durable {
+			return fmt.Errorf("a receipt logged during the partition is not durable by ap-south: %+v %v", d, err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Hold the partition for its 30 s: its length is the point, not a
+	// wait for some state.
+	time.Sleep(time.Until(partitioned.Add(30 * time.Second)))
+	if lag := regionMetric(t, usK, `knhk_region_peer_lag_entries{peer="eu-west"}`); lag <= 0 {
+		t.Fatalf("eu-west lag %v after 30 s cut off under load", lag)
+	}
+	healedAt := regionMetric(t, usK, "knhk_region_checkpoint_size")
+	setLinks(eu, true, us, ap)
+	err = harness.Poll(60*time.Second, 250*time.Millisecond, func() error {
+		if got := regionMetric(t, usK, `knhk_region_peer_cosigned_size{peer="eu-west"}`); got < healedAt {
+			return fmt.Errorf("eu-west has cosigned size %v, the log was %v at the heal", got, healedAt)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("eu-west did not catch up: %v", err)
+	}
+
+	// Both peers cut off from us-east: still served, durable: false.
+	setLinks(us, false, eu, ap)
+	alone := receiptNow(t, us.stack, "alone")
+	err = harness.Poll(30*time.Second, 250*time.Millisecond, func() error {
+		b, err := usK.Get("/v1/receipts/" + alone)
+		if err != nil {
+			return err
+		}
+		var d durability
+		if err := json.Unmarshal(b, &d); err != nil {
+			return err
+		}
+		if d.Durable {
+			t.Fatalf("a receipt logged with both peers cut off reads durable: %s", b)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	setLinks(us, true, ap)
+	err = harness.Poll(30*time.Second, 250*time.Millisecond, func() error {
+		if d, err := bundleOf(usK, alone); err != nil || !d.Durable {
+			return fmt.Errorf("not durable once ap-south is back: %+v %v", d, err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	setLinks(us, true, eu)
+
+	// kill -9 eu-west while pushes flow; after restart it neither cosigns
+	// an older checkpoint nor forgets what it cosigned.
+	before := regionMetric(t, usK, `knhk_region_peer_cosigned_size{peer="eu-west"}`)
+	eu.k.Kill()
+	if err := eu.k.Restart(false); err != nil {
+		t.Fatal(err)
+	}
+	direct := "http://" + eu.cfg.Listen.Region
+	code, msg, err := postCheckpoint(direct, append([]byte("old 0\n\n"), oldCheckpoint...))
+	if err != nil || code != http.StatusConflict {
+		t.Fatalf("eu-west after kill -9, an old checkpoint with old 0: %d %q %v (want 409: it cosigned newer)", code, msg, err)
+	}
+	err = harness.Poll(30*time.Second, 250*time.Millisecond, func() error {
+		if got := regionMetric(t, usK, `knhk_region_peer_cosigned_size{peer="eu-west"}`); got <= before {
+			return fmt.Errorf("eu-west cosigned size %v, %v before its kill", got, before)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// A forged checkpoint of us-east's log: refused, kept, counted.
+	forger, _, _ := note.GenerateKey(rand.Reader, us.cfg.Receipts.Origin)
+	fs, _ := note.NewSigner(forger)
+	forged, _ := note.Sign(&note.Note{Text: fmt.Sprintf("%s\n%d\n%s\n", us.cfg.Receipts.Origin, 1<<20, base64.StdEncoding.EncodeToString(make([]byte, 32)))}, fs)
+	if code, msg, err := postCheckpoint(direct, append([]byte("old 0\n\n"), forged...)); err != nil || code != http.StatusForbidden {
+		t.Fatalf("a forged checkpoint: %d %q %v, want 403", code, msg, err)
+	}
+	ev, err := eu.k.Get("/v1/region/evidence")
+	if err != nil || !strings.Contains(string(ev), "unknown_key") {
+		t.Fatalf("evidence: %s %v", ev, err)
+	}
+	if n := regionMetric(t, eu.k, `knhk_region_inconsistency_total{kind="unknown_key",origin="knhk/us-east"}`); n != 1 {
+		t.Fatalf("knhk_region_inconsistency_total for the forgery: %v", n)
+	}
+
+	// Nothing lost: every request was served with a receipt, and every
+	// receipt is in the log.
+	samples := load.Stop()
+	offered := int(0.8 * rate * time.Since(loadStart).Seconds())
+	var missing, failed int
+	for _, s := range samples {
+		if s.Code != http.StatusOK || s.Receipt == "" {
+			failed++
+			continue
+		}
+		if _, err := usK.Get("/v1/receipts/" + s.Receipt); err != nil {
+			missing++
+		}
+	}
+	t.Logf("%d requests under load; %d not served with a receipt, %d receipts not found", len(samples), failed, missing)
+	if failed > 0 || missing > 0 || len(samples) < offered {
+		t.Fatalf("%d of %d requests not served with a receipt, %d receipts missing from the log (at least %d expected)", failed, len(samples), missing, offered)
+	}
+}
+
+// cosigKey is a note verifier key as a cosignature/v1 key.
+func cosigKey(t *testing.T, vkey string) string {
+	t.Helper()
+	k, err := fnote.VKeyToCosignatureV1(vkey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
