@@ -36,6 +36,7 @@ func (s *Server) adminMux() *http.ServeMux {
 	mux.HandleFunc("GET /v1/consistency", s.handleConsistency)
 	mux.HandleFunc("GET /v1/region/evidence", s.handleEvidence)
 	mux.HandleFunc("GET /v1/region/policy", s.handlePolicy)
+	mux.HandleFunc("GET /v1/region/mirror", s.handleMirror)
 	if s.config().Debug.Pprof {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)

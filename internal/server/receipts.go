@@ -137,7 +137,7 @@ func (s *Server) handleCheckpoint(w http.ResponseWriter, r *http.Request) {
 func (s *Server) handleKeys(w http.ResponseWriter, _ *http.Request) {
 	if s.receipts == nil && s.region != nil {
 		// A region that only witnesses still publishes its witness key.
-		writeJSON(w, http.StatusOK, map[string]string{"witness_verifier_key": s.region.key.Verifier})
+		writeJSON(w, http.StatusOK, map[string]string{"witness_verifier_key": s.region.key.Verifier, "mirror_verifier_key": s.region.mirrorKey.Verifier})
 		return
 	}
 	if s.receiptsOff(w) {
@@ -148,16 +148,17 @@ func (s *Server) handleKeys(w http.ResponseWriter, _ *http.Request) {
 		s.internalError(w, "listing the keys", err)
 		return
 	}
-	var witness string
+	var witness, mirror string
 	if s.region != nil {
-		witness = s.region.key.Verifier
+		witness, mirror = s.region.key.Verifier, s.region.mirrorKey.Verifier
 	}
-	// The witness key sits beside the log's checkpoint keys, so an operator
-	// copies both into the peers' region.peers[] entry.
+	// The cosigning keys sit beside the log's checkpoint keys, so an
+	// operator copies them all into the peers' region.peers[] entry.
 	writeJSON(w, http.StatusOK, struct {
 		receipt.PublishedKeys
 		WitnessVerifierKey string `json:"witness_verifier_key,omitempty"`
-	}{k, witness})
+		MirrorVerifierKey  string `json:"mirror_verifier_key,omitempty"`
+	}{k, witness, mirror})
 }
 
 // handleKeysRefresh serves POST /v1/keys/refresh: pick up a KMS key

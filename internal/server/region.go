@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/url"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -29,13 +30,19 @@ type regionParts struct {
 	cosigners *region.Cosigners
 	quorum    int
 	// durable follows this region's checkpoints to the newest that met
-	// the quorum; track is its one writer.
-	durable *region.Quorum
-	tracked chan struct{} // closed when track returns; nil until Serve starts it
-	witness *region.Witness
-	key     *region.Cosigner
-	lis     net.Listener
-	http    *http.Server
+	// the quorum; track is its one writer, fed the published checkpoints
+	// and, on cosigned, those the peers' mirrors cosigned since.
+	cosigned  chan []byte
+	mirror    *region.Mirror
+	mirrorKey *region.Cosigner
+	pushers   []*region.Pusher
+	pushing   sync.WaitGroup
+	durable   *region.Quorum
+	tracked   chan struct{} // closed when track returns; nil until Serve starts it
+	witness   *region.Witness
+	key       *region.Cosigner
+	lis       net.Listener
+	http      *http.Server
 }
 
 // openRegion opens the witness and binds listen.region: mTLS that admits
@@ -59,11 +66,12 @@ func (s *Server) openRegion(cfg *config.Config) error {
 	if err != nil {
 		return err
 	}
-	var logs, vkeys []string
+	var logs []string
+	var keys []region.PeerKeys
 	allowed := make([]spiffeid.ID, 0, len(cfg.Region.Peers))
 	for _, p := range cfg.Region.Peers {
 		logs = append(logs, p.LogKeys...)
-		vkeys = append(vkeys, p.WitnessKey)
+		keys = append(keys, region.PeerKeys{Name: p.Name, Witness: p.WitnessKey, Mirror: p.MirrorKey})
 		if cfg.Identity.Enabled() {
 			allowed = append(allowed, spiffeid.RequireFromString(p.SpiffeID)) // validated
 		}
@@ -74,13 +82,25 @@ func (s *Server) openRegion(cfg *config.Config) error {
 	if err != nil {
 		return fmt.Errorf("region: %w", err)
 	}
-	cos, err := region.NewCosigners(vkeys)
-	if err != nil {
-		_ = w.Close()
+	r := &regionParts{witness: w, key: key, policy: s.regionPolicy, quorum: cfg.RegionQuorum(), cosigned: make(chan []byte, 16)}
+	s.region = r // closeBy releases what is opened from here on
+	if r.cosigners, err = region.NewCosigners(keys); err != nil {
 		return fmt.Errorf("region.peers: %w", err)
 	}
-	r := &regionParts{witness: w, key: key, policy: s.regionPolicy, cosigners: cos, quorum: cfg.RegionQuorum()}
-	s.region = r
+	mirrorPath := cfg.Region.MirrorKey
+	if mirrorPath == "" {
+		mirrorPath = filepath.Join(cfg.DataDir, "mirror.key")
+	}
+	if r.mirrorKey, err = region.LoadOrCreateKey(mirrorPath, cfg.Region.Name+region.MirrorSuffix); err != nil {
+		return fmt.Errorf("region.mirror_key: %w", err)
+	}
+	if r.mirror, err = region.NewMirror(region.MirrorOptions{
+		Key: r.mirrorKey, Path: filepath.Join(cfg.DataDir, "mirror.db"), Witness: w, Log: s.log, Metrics: s.reg,
+	}); err != nil {
+		return fmt.Errorf("region: %w", err)
+	}
+	w.AttachMirror(r.mirror)
+	cos := r.cosigners
 	peers := make([]string, 0, len(cfg.Region.Peers))
 	for _, p := range cfg.Region.Peers {
 		peers = append(peers, p.Name)
@@ -99,6 +119,29 @@ func (s *Server) openRegion(cfg *config.Config) error {
 		r.lis = tls.NewListener(r.lis, identity.ServerTLS(s.identity, s.identity, allowed))
 	}
 	r.http = &http.Server{Handler: w.Handler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second}
+	if s.receipts == nil {
+		return nil
+	}
+	pm := region.NewPusherMetrics(s.reg)
+	for _, p := range cfg.Region.Peers {
+		if p.MirrorKey == "" {
+			continue // it witnesses this region's log, and does not mirror it
+		}
+		pu, err := region.NewPusher(region.PusherOptions{
+			Peer: p.Name, URL: p.URL, MirrorKey: p.MirrorKey, Origin: cfg.Receipts.Origin, Client: s.regionClient,
+			Source: s.receipts, Log: s.log, Metrics: pm,
+			Cosigned: func(signed []byte) {
+				select {
+				case r.cosigned <- signed:
+				default: // the tracker is behind: a newer cosignature supersedes this one
+				}
+			},
+		})
+		if err != nil {
+			return err
+		}
+		r.pushers = append(r.pushers, pu)
+	}
 	return nil
 }
 
@@ -124,6 +167,7 @@ func (s *Server) witnessing(cfg *config.Config, signer kms.Signer) (receipt.Witn
 	}
 	s.regionPolicy = policy
 	w := receipt.Witnessing{Witnesses: &g, Timeout: witnessTimeout}
+	defer func() { s.regionClient = w.Client }() // the mirror pushers dial the peers as tessera does
 	if cfg.Identity.Enabled() {
 		// Each peer URL must present that peer's SPIFFE ID, not any peer's.
 		byAddr := map[string]spiffeid.ID{}
@@ -207,7 +251,7 @@ type regionBundle struct {
 // stays durable.
 func (r *regionParts) bundle(ctx context.Context, rs *receipt.Service, id [16]byte, b receipt.Bundle) (regionBundle, error) {
 	cs := r.cosigners.Of([]byte(b.Checkpoint))
-	if 1+len(cs) >= r.quorum {
+	if 1+r.cosigners.Counted(cs) >= r.quorum {
 		return regionBundle{Bundle: b, Durable: true, Cosignatures: cs}, nil
 	}
 	if q := r.durable.State(); q.Durable != nil && q.DurableSize > b.Index {
@@ -229,12 +273,19 @@ func (r *regionParts) track(ctx context.Context, rs *receipt.Service, log *slog.
 	defer t.Stop()
 	var lastErr time.Time
 	for {
+		var raw []byte
+		var err error
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+			if raw, err = rs.Checkpoint(ctx); err == nil {
+				for _, p := range r.pushers {
+					p.Poke()
+				}
+			}
+		case raw = <-r.cosigned:
 		}
-		raw, err := rs.Checkpoint(ctx)
 		if err == nil {
 			err = r.durable.Observe(raw, time.Now())
 		}
@@ -252,4 +303,20 @@ func (s *Server) handleEvidence(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.region.witness.EvidenceHandler().ServeHTTP(w, r)
+}
+
+// handleMirror serves GET /v1/region/mirror: the peers' logs this region
+// mirrors, with the size held and the root of those entries, so mirrors
+// can be compared.
+func (s *Server) handleMirror(w http.ResponseWriter, _ *http.Request) {
+	if s.region == nil {
+		writeJSON(w, http.StatusNotFound, apiError{"regions are off (listen.region is not set)"})
+		return
+	}
+	logs, err := s.region.mirror.Logs()
+	if err != nil {
+		s.internalError(w, "listing the mirrored logs", err)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"logs": logs})
 }

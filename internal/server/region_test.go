@@ -10,7 +10,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -22,7 +21,6 @@ import (
 	"github.com/knhk/knhk/internal/harness"
 	"github.com/knhk/knhk/pkg/config"
 	"github.com/knhk/knhk/pkg/receipt"
-	"github.com/knhk/knhk/pkg/region"
 )
 
 func getBody(t *testing.T, url string) (int, []byte) {
@@ -227,13 +225,17 @@ func TestRegionsCosignEachOther(t *testing.T) {
 
 // twoRegions runs two regions, quorum 2, that witness each other.
 type regionPair struct {
-	names, bases, logKeys, witnessKeys []string
-	servers                            []*Server
-	stops                              []func()
-	cfgs                               []config.Config
+	names, bases, logKeys, witnessKeys, mirrorKeys []string
+	servers                                        []*Server
+	stops                                          []func()
+	cfgs                                           []config.Config
 }
 
-func twoRegions(t *testing.T) regionPair {
+func twoRegions(t *testing.T) regionPair { return regionsOf(t, false) }
+
+// regionsOf runs two regions, quorum 2; with mirror, each also mirrors
+// the other's log (its peer entry pins the mirror key).
+func regionsOf(t *testing.T, mirror bool) regionPair {
 	t.Helper()
 	names := []string{"us-east", "eu-west"}
 	ports, err := harness.FreePorts(2)
@@ -241,42 +243,37 @@ func twoRegions(t *testing.T) regionPair {
 		t.Fatal(err)
 	}
 	cfgs := make([]config.Config, 2)
-	logKeys := make([]string, 2)
-	witnessKeys := make([]string, 2)
+	logKeys, witnessKeys, mirrorKeys := make([]string, 2), make([]string, 2), make([]string, 2)
 	for i, n := range names {
 		c := testConfig(t)
 		c.Receipts.Origin = "knhk/" + n
 		c.Receipts.CheckpointInterval = config.Duration(200 * time.Millisecond)
-		// First start without regions: it creates the log's KMS key.
+		c.Listen.Region = fmt.Sprintf("127.0.0.1:%d", ports[i])
+		// A first start with no peers makes the log's, the witness's and
+		// the mirror's keys, as an operator's would.
+		c.Region = config.Region{Name: n}
 		base, stop, _ := startServer(t, c)
 		_, kb := getBody(t, base+"/v1/keys")
 		var k struct {
-			Log string `json:"log_verifier_key"`
+			Log     string `json:"log_verifier_key"`
+			Witness string `json:"witness_verifier_key"`
+			Mirror  string `json:"mirror_verifier_key"`
 		}
-		if err := json.Unmarshal(kb, &k); err != nil || k.Log == "" {
+		if err := json.Unmarshal(kb, &k); err != nil || k.Log == "" || k.Witness == "" || k.Mirror == "" {
 			t.Fatalf("keys %s: %v", kb, err)
 		}
 		stop()
-		ck, err := region.LoadOrCreateKey(filepath.Join(c.DataDir, "witness.key"), n)
-		if err != nil {
-			t.Fatal(err)
-		}
-		// A witness key and its state are made together.
-		w, err := region.NewWitness(context.Background(), region.WitnessOptions{Key: ck, Path: filepath.Join(c.DataDir, "witness.db")})
-		if err != nil {
-			t.Fatal(err)
-		}
-		_ = w.Close()
-		logKeys[i], witnessKeys[i] = k.Log, ck.Verifier
-		c.Listen.Region = fmt.Sprintf("127.0.0.1:%d", ports[i])
+		logKeys[i], witnessKeys[i], mirrorKeys[i] = k.Log, k.Witness, k.Mirror
 		cfgs[i] = c
 	}
-	p := regionPair{names: names, logKeys: logKeys, witnessKeys: witnessKeys, bases: make([]string, 2), servers: make([]*Server, 2), stops: make([]func(), 2), cfgs: cfgs}
+	p := regionPair{names: names, logKeys: logKeys, witnessKeys: witnessKeys, mirrorKeys: mirrorKeys, bases: make([]string, 2), servers: make([]*Server, 2), stops: make([]func(), 2), cfgs: cfgs}
 	for i, n := range names {
 		o := 1 - i
-		cfgs[i].Region = config.Region{Name: n, Quorum: 2, Peers: []config.RegionPeer{{
-			Name: names[o], URL: fmt.Sprintf("http://127.0.0.1:%d", ports[o]), WitnessKey: witnessKeys[o], LogKeys: []string{logKeys[o]},
-		}}}
+		peer := config.RegionPeer{Name: names[o], URL: fmt.Sprintf("http://127.0.0.1:%d", ports[o]), WitnessKey: witnessKeys[o], LogKeys: []string{logKeys[o]}}
+		if mirror {
+			peer.MirrorKey = mirrorKeys[o]
+		}
+		cfgs[i].Region = config.Region{Name: n, Quorum: 2, Peers: []config.RegionPeer{peer}}
 		p.bases[i], p.stops[i], p.servers[i] = startServer(t, cfgs[i])
 	}
 	return p
@@ -288,6 +285,7 @@ type durability struct {
 	Checkpoint   string `json:"checkpoint"`
 	Cosignatures []struct {
 		Region string `json:"region"`
+		Role   string `json:"role"`
 	} `json:"cosignatures"`
 }
 
@@ -384,4 +382,70 @@ func TestDurableStaysDurable(t *testing.T) {
 	tr.stops[0]()
 	base, _, _ := startServer(t, tr.cfgs[0])
 	checkStillDurable(base)
+}
+
+// TestRegionsMirrorEachOther: with mirror keys pinned, each region pushes
+// its entries to the other's mirror, which checks them against the
+// checkpoint its witness cosigned and then cosigns as a mirror; receipts
+// are durable by the mirror's cosignature, and the mirror holds exactly
+// the origin's entries (the same root at the same size).
+func TestRegionsMirrorEachOther(t *testing.T) {
+	tr := regionsOf(t, true)
+	us, eu := tr.servers[0], tr.servers[1]
+	var last string
+	for i := range 600 { // a few bundles, one partial
+		tok, err := us.receipts.Issue(context.Background(), &receipt.Receipt{Time: time.Now().UnixNano(), Method: "GET", Path: fmt.Sprint("/m", i), Status: 200})
+		if err != nil {
+			t.Fatal(err)
+		}
+		last = tok
+	}
+	err := harness.Poll(30*time.Second, 100*time.Millisecond, func() error {
+		d, err := durableOf(t, tr.bases[0], last)
+		if err != nil {
+			return err
+		}
+		for _, c := range d.Cosignatures {
+			if c.Region == "eu-west" && c.Role == "mirror" && d.Durable {
+				return nil
+			}
+		}
+		return fmt.Errorf("not durable by eu-west's mirror yet: %+v", d)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	code, b := getBody(t, tr.bases[1]+"/v1/region/mirror")
+	var ml struct {
+		Logs []struct {
+			Origin string `json:"origin"`
+			Size   uint64 `json:"size"`
+			Root   []byte `json:"root"`
+		} `json:"logs"`
+	}
+	if err := json.Unmarshal(b, &ml); err != nil || code != 200 {
+		t.Fatalf("mirror: %d %s", code, b)
+	}
+	var held uint64
+	for _, l := range ml.Logs {
+		if l.Origin == "knhk/us-east" {
+			held = l.Size
+		}
+	}
+	if held < 600 {
+		t.Fatalf("eu-west holds %d of us-east's entries: %s", held, b)
+	}
+	want, err := us.receipts.Entries(context.Background(), 0, held)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, w := range want {
+		got, err := eu.region.mirror.Entry("knhk/us-east", uint64(i))
+		if err != nil || !bytes.Equal(got, w) {
+			t.Fatalf("entry %d: the mirror holds %q (%v), the origin %q", i, got, err, w)
+		}
+	}
+	if page := metricsPage(t, tr.bases[0]); !strings.Contains(page, `knhk_region_mirror_push_total{peer="eu-west",result="cosigned"}`) {
+		t.Fatalf("no cosigned pushes in /metrics:\n%s", grepLines(page, "knhk_region_mirror"))
+	}
 }

@@ -75,6 +75,7 @@ type Server struct {
 	region   *regionParts          // nil unless listen.region
 	// regionPolicy is set while opening receipts, before region exists.
 	regionPolicy []byte
+	regionClient *http.Client // reaches the peers (pinned mTLS under identity)
 }
 
 // openIdentity opens the SVID source and exports its expiry.
@@ -404,6 +405,9 @@ func (s *Server) Serve(ctx context.Context) error {
 		if s.region != nil {
 			s.region.tracked = make(chan struct{})
 			go s.region.track(s.ctx, s.receipts, s.log)
+			for _, p := range s.region.pushers {
+				s.region.pushing.Go(func() { p.Run(s.ctx) })
+			}
 		}
 	}
 	go s.webhooks.Run(s.ctx)
@@ -498,10 +502,14 @@ func (s *Server) closeBy(deadline time.Time) {
 		if s.region.lis != nil {
 			_ = s.region.lis.Close()
 		}
-		_ = s.region.witness.Close()
 		if s.region.tracked != nil {
-			<-s.region.tracked // s.cancel above ends it
+			<-s.region.tracked // s.cancel above ends it, and the pushers
+			s.region.pushing.Wait()
 		}
+		if s.region.mirror != nil {
+			_ = s.region.mirror.Close()
+		}
+		_ = s.region.witness.Close()
 	}
 	if s.receipts != nil {
 		// At least a moment, so the index and the journal close cleanly.

@@ -25,6 +25,10 @@ type Region struct {
 	// WitnessKey is the Ed25519 cosigning key file (default
 	// <data_dir>/witness.key, created 0600 on first start).
 	WitnessKey string `yaml:"witness_key"`
+	// MirrorKey is the Ed25519 key this region cosigns with as a mirror of
+	// its peers' logs, named <name>-mirror (default <data_dir>/mirror.key,
+	// created 0600 on first start).
+	MirrorKey string `yaml:"mirror_key"`
 	// WitnessKMS keeps the cosigning key in a KMS instead of the key
 	// file: a Vault Transit ed25519 key.
 	WitnessKMS WitnessKMS   `yaml:"witness_kms"`
@@ -54,6 +58,10 @@ type RegionPeer struct {
 	// LogKeys are its checkpoint verifier keys, named after its log's
 	// origin (its "log_verifier_keys").
 	LogKeys []string `yaml:"log_keys"`
+	// MirrorKey is its mirror cosignature/v1 verifier key (its
+	// "mirror_verifier_key"). Set, this region pushes its entries to the
+	// peer, and the peer counts toward the quorum once it holds them.
+	MirrorKey string `yaml:"mirror_key"`
 }
 
 // RegionEnabled reports whether this knhk takes part in regions.
@@ -77,6 +85,9 @@ func (c *Config) validateRegion(fail failFunc) error {
 	if !validKeyName(r.Name) {
 		return fail("region.name", "%q: needs a name without spaces or '+' (it names this region's witness key)", r.Name)
 	}
+	if strings.HasSuffix(r.Name, "-mirror") {
+		return fail("region.name", "%q: a name may not end in -mirror (it marks a region's mirror key)", r.Name)
+	}
 	if err := c.validateWitnessKMS(fail); err != nil {
 		return err
 	}
@@ -89,6 +100,9 @@ func (c *Config) validateRegion(fail failFunc) error {
 		key := func(f string) string { return "region.peers[" + strconv.Itoa(i) + "]." + f }
 		if !validKeyName(p.Name) {
 			return fail(key("name"), "%q: needs a name without spaces or '+'", p.Name)
+		}
+		if strings.HasSuffix(p.Name, "-mirror") {
+			return fail(key("name"), "%q: a name may not end in -mirror (it marks a region's mirror key)", p.Name)
 		}
 		if policyWords[p.Name] {
 			return fail(key("name"), "%q is a word of the witness policy grammar: choose another name", p.Name)
@@ -118,6 +132,15 @@ func (c *Config) validateRegion(fail failFunc) error {
 		}
 		if wv.Name() != p.Name {
 			return fail(key("witness_key"), "the key is named %q: a region's witness key is named after the region (%q)", wv.Name(), p.Name)
+		}
+		if p.MirrorKey != "" {
+			mv, err := fnote.NewVerifierForCosignatureV1(p.MirrorKey)
+			if err != nil {
+				return fail(key("mirror_key"), "not a cosignature/v1 verifier key (the peer's mirror_verifier_key): %v", err)
+			}
+			if mv.Name() != p.Name+"-mirror" {
+				return fail(key("mirror_key"), "the key is named %q: a region's mirror key is named %q", mv.Name(), p.Name+"-mirror")
+			}
 		}
 		if len(p.LogKeys) == 0 {
 			return fail(key("log_keys"), "needs the peer's checkpoint verifier key (its log_verifier_keys)")

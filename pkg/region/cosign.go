@@ -1,7 +1,9 @@
 package region
 
 import (
+	"bytes"
 	"fmt"
+	"strings"
 	"time"
 
 	fnote "github.com/transparency-dev/formats/note"
@@ -11,30 +13,55 @@ import (
 // Cosignature is one peer region's cosignature on a checkpoint.
 type Cosignature struct {
 	Region    string    `json:"region"`
+	Role      string    `json:"role"`   // witness: checked consistency; mirror: holds the entries too
 	KeyID     string    `json:"key_id"` // the C2SP key hash, hex
 	Timestamp time.Time `json:"timestamp"`
 }
 
-// Cosigners check which peer regions cosigned a checkpoint.
-type Cosigners struct {
-	vs []note.Verifier
+// Roles of a cosignature.
+const (
+	RoleWitness = "witness"
+	RoleMirror  = "mirror"
+)
+
+// PeerKeys are the cosigning keys this region pins for a peer: its
+// witness key and, when it mirrors this region's log, its mirror key.
+type PeerKeys struct {
+	Name, Witness, Mirror string
 }
 
-// NewCosigners takes the peers' witness (cosignature/v1) verifier keys.
-func NewCosigners(vkeys []string) (*Cosigners, error) {
-	c := &Cosigners{}
-	for _, k := range vkeys {
-		v, err := fnote.NewVerifierForCosignatureV1(k)
-		if err != nil {
-			return nil, fmt.Errorf("witness key %q: %w", clip([]byte(k)), err)
+// Cosigners check which peer regions cosigned a checkpoint, and which of
+// them count toward the quorum: a peer that mirrors counts once it holds
+// the entries (its mirror cosignature); one that only witnesses, by its
+// witness cosignature.
+type Cosigners struct {
+	vs       []note.Verifier
+	mirrored map[string]bool
+}
+
+// NewCosigners takes the peers' cosignature/v1 verifier keys.
+func NewCosigners(peers []PeerKeys) (*Cosigners, error) {
+	c := &Cosigners{mirrored: map[string]bool{}}
+	for _, p := range peers {
+		for _, k := range []string{p.Witness, p.Mirror} {
+			if k == "" {
+				continue
+			}
+			v, err := fnote.NewVerifierForCosignatureV1(k)
+			if err != nil {
+				return nil, fmt.Errorf("cosigning key %q: %w", clip([]byte(k)), err)
+			}
+			c.vs = append(c.vs, v)
 		}
-		c.vs = append(c.vs, v)
+		if p.Mirror != "" {
+			c.mirrored[p.Name] = true
+		}
 	}
 	return c, nil
 }
 
 // Of lists the verified peer cosignatures on a signed checkpoint, one per
-// region; signatures by other keys (the log's own) are ignored.
+// key; signatures by other keys (the log's own) are ignored.
 func (c *Cosigners) Of(checkpoint []byte) []Cosignature {
 	out := []Cosignature{}
 	if len(c.vs) == 0 {
@@ -54,7 +81,45 @@ func (c *Cosigners) Of(checkpoint []byte) []Cosignature {
 			continue
 		}
 		seen[s.Name] = true
-		out = append(out, Cosignature{Region: s.Name, KeyID: fmt.Sprintf("%08x", s.Hash), Timestamp: ts.UTC()})
+		cs := Cosignature{Region: s.Name, Role: RoleWitness, KeyID: fmt.Sprintf("%08x", s.Hash), Timestamp: ts.UTC()}
+		if r, ok := strings.CutSuffix(s.Name, MirrorSuffix); ok {
+			cs.Region, cs.Role = r, RoleMirror
+		}
+		out = append(out, cs)
+	}
+	return out
+}
+
+// Counted is how many peer regions count toward the quorum.
+func (c *Cosigners) Counted(cs []Cosignature) int {
+	regions := map[string]bool{}
+	for _, s := range cs {
+		if (s.Role == RoleMirror) == c.mirrored[s.Region] {
+			regions[s.Region] = true
+		}
+	}
+	return len(regions)
+}
+
+// Merge adds to a signed checkpoint the signature lines of another
+// signing of the same body that it lacks. It returns nil if the bodies
+// differ.
+func Merge(a, b []byte) []byte {
+	ta, sa, oka := bytes.Cut(a, []byte("\n\n"))
+	tb, sb, okb := bytes.Cut(b, []byte("\n\n"))
+	if !oka || !okb || !bytes.Equal(ta, tb) {
+		return nil
+	}
+	out := append([]byte{}, a...)
+	have := map[string]bool{}
+	for _, l := range bytes.SplitAfter(sa, []byte("\n")) {
+		have[string(l)] = true
+	}
+	for _, l := range bytes.SplitAfter(sb, []byte("\n")) {
+		if len(l) > 0 && !have[string(l)] {
+			out = append(out, l...)
+			have[string(l)] = true
+		}
 	}
 	return out
 }

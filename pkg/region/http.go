@@ -24,6 +24,9 @@ func (w *Witness) Handler() http.Handler {
 		}
 		writeOutcome(rw, w.AddCheckpoint(r.Context(), body))
 	})
+	if w.mirror != nil {
+		w.mirror.register(mux)
+	}
 	return mux
 }
 

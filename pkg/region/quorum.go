@@ -90,7 +90,7 @@ func NewQuorum(o QuorumOptions) (*Quorum, error) {
 		switch {
 		case perr != nil:
 			return nil, fmt.Errorf("quorum checkpoint %s: %w", o.Path, perr)
-		case 1+len(q.cos.Of(raw)) < q.need:
+		case 1+q.cos.Counted(q.cos.Of(raw)) < q.need:
 			q.log.Warn("region: the kept quorum checkpoint no longer meets region.quorum under the configured peers; receipts are durable again from the next checkpoint that does",
 				"path", o.Path, "size", size, "quorum", q.need)
 		default:
@@ -129,36 +129,50 @@ func NewQuorum(o QuorumOptions) (*Quorum, error) {
 // State is the latest snapshot.
 func (q *Quorum) State() *QuorumState { return q.state.Load() }
 
-// Observe takes this region's latest signed checkpoint (verified by the
-// caller). A newer one that meets the quorum is kept on disk before it is
-// used, so what a reader was told is durable stays so after a crash.
+// Observe takes a signed checkpoint of this region's log (verified by the
+// caller): the latest one published, or one with cosignatures gathered
+// since (a peer's mirror cosignature comes after publication). Signatures
+// on the same checkpoint add up. A newer one that meets the quorum is kept
+// on disk before it is used, so what a reader was told is durable stays
+// so after a crash.
 func (q *Quorum) Observe(raw []byte, now time.Time) error {
 	size, err := checkpointSize(raw)
 	if err != nil {
 		return err
 	}
 	old := q.State()
-	if size < old.Size || bytes.Equal(raw, q.last) {
-		return nil // an older read, or nothing new
+	if m := Merge(q.last, raw); m != nil {
+		raw = m // the same checkpoint again, perhaps with more signatures
 	}
-	q.last = raw
+	if bytes.Equal(raw, q.last) || (size < old.Size && size <= old.DurableSize) {
+		return nil // nothing new
+	}
 	cs := q.cos.Of(raw)
-	st := &QuorumState{Size: size, Met: 1+len(cs) >= q.need, Durable: old.Durable, DurableSize: old.DurableSize, Peers: make(map[string]PeerProgress, len(old.Peers))}
+	met := 1+q.cos.Counted(cs) >= q.need
+	st := &QuorumState{Size: old.Size, Met: old.Met, Durable: old.Durable, DurableSize: old.DurableSize, Peers: make(map[string]PeerProgress, len(old.Peers))}
 	for k, v := range old.Peers {
 		st.Peers[k] = v
 	}
-	for _, c := range cs {
-		if p := st.Peers[c.Region]; size > p.Size || p.At.IsZero() {
-			st.Peers[c.Region] = PeerProgress{Size: size, At: now}
+	if size >= old.Size {
+		// The latest: it sets the lag.
+		q.last = raw
+		st.Size, st.Met = size, met
+		for _, c := range cs {
+			if (c.Role == RoleMirror) != q.cos.mirrored[c.Region] {
+				continue // a mirroring peer's progress is what it holds
+			}
+			if p := st.Peers[c.Region]; size > p.Size || p.At.IsZero() {
+				st.Peers[c.Region] = PeerProgress{Size: size, At: now}
+			}
+		}
+		if size > 0 && (len(q.pending) == 0 || q.pending[len(q.pending)-1].size < size) {
+			if len(q.pending) == maxPending {
+				q.pending = q.pending[1:]
+			}
+			q.pending = append(q.pending, seen{size, now})
 		}
 	}
-	if size > 0 && (len(q.pending) == 0 || q.pending[len(q.pending)-1].size < size) {
-		if len(q.pending) == maxPending {
-			q.pending = q.pending[1:]
-		}
-		q.pending = append(q.pending, seen{size, now})
-	}
-	if st.Met && size > old.DurableSize {
+	if met && size > old.DurableSize {
 		if err := fsutil.WriteFileAtomic(q.path, raw, 0o600); err != nil {
 			// Still report the peers' progress; durability waits for a write.
 			st.Met = false

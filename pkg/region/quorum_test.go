@@ -69,11 +69,12 @@ func (p *cosigningPeers) checkpoint(t *testing.T, size uint64, by ...int) []byte
 func (p *cosigningPeers) quorum(t *testing.T, path string, reg prometheus.Registerer, peers ...int) *Quorum {
 	const need = 2
 	t.Helper()
-	var vkeys, names []string
+	var keys []PeerKeys
+	var names []string
 	for _, i := range peers {
-		vkeys, names = append(vkeys, p.vkeys[i]), append(names, p.names[i])
+		keys, names = append(keys, PeerKeys{Name: p.names[i], Witness: p.vkeys[i]}), append(names, p.names[i])
 	}
-	cos, err := NewCosigners(vkeys)
+	cos, err := NewCosigners(keys)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -178,7 +179,7 @@ func TestQuorumRefusesJunk(t *testing.T) {
 	if err := os.WriteFile(path, []byte("junk"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cos, _ := NewCosigners(p.vkeys)
+	cos, _ := NewCosigners([]PeerKeys{{Name: p.names[0], Witness: p.vkeys[0]}})
 	if _, err := NewQuorum(QuorumOptions{Cosigners: cos, Need: 2, Path: path, Log: slog.New(slog.DiscardHandler)}); err == nil || !strings.Contains(err.Error(), path) {
 		t.Fatalf("a junk kept checkpoint: %v", err)
 	}

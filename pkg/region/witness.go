@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -43,6 +44,51 @@ type Witness struct {
 	verifiers map[string][]note.Verifier // by origin; read-only after NewWitness
 	results   *prometheus.CounterVec
 	refused   *prometheus.CounterVec
+	mirror    *Mirror // nil: this region does not mirror
+
+	// recent are the last checkpoints cosigned per origin, newest last:
+	// the pending checkpoints a mirror upload may end at (the spec's
+	// "any of the last several"). The latest is also in the state.
+	rmu    sync.Mutex
+	recent map[string][][]byte
+}
+
+const maxRecent = 16
+
+// AttachMirror has the witness's handler serve the mirror's add-entries
+// too (one submission prefix, as the tlog-mirror spec allows). Call it
+// before Handler.
+func (w *Witness) AttachMirror(m *Mirror) { w.mirror = m }
+
+// Pending is the checkpoint of size this region cosigned for origin
+// recently (nil if none): what a mirror upload must end at.
+func (w *Witness) Pending(ctx context.Context, origin string, size uint64) ([]byte, error) {
+	w.rmu.Lock()
+	for _, cp := range w.recent[origin] {
+		if n, _ := checkpointSize(cp); n == size {
+			w.rmu.Unlock()
+			return cp, nil
+		}
+	}
+	w.rmu.Unlock()
+	cp, err := w.w.GetCheckpoint(ctx, origin)
+	if err != nil || cp == nil {
+		return nil, err
+	}
+	if n, _ := checkpointSize(cp); n != size {
+		return nil, nil
+	}
+	return cp, nil
+}
+
+func (w *Witness) cosigned(origin string, cp []byte) {
+	w.rmu.Lock()
+	defer w.rmu.Unlock()
+	r := append(w.recent[origin], cp)
+	if len(r) > maxRecent {
+		r = r[len(r)-maxRecent:]
+	}
+	w.recent[origin] = r
 }
 
 // NewWitness opens the witness state and builds the library's witness.
@@ -88,7 +134,7 @@ func NewWitness(ctx context.Context, o WitnessOptions) (*Witness, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	w := &Witness{w: lw, st: st, log: log, verifiers: vs,
+	w := &Witness{w: lw, st: st, log: log, verifiers: vs, recent: map[string][][]byte{},
 		results: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "knhk_region_witness_requests_total",
 			Help: "add-checkpoint requests this region answered, by result (cosigned, stale, unknown_origin, bad_request, error, or a refusal kind: unknown_key, bad_signature, bad_proof, root_mismatch).",
@@ -202,6 +248,7 @@ func (w *Witness) AddCheckpoint(ctx context.Context, body []byte) Outcome {
 	switch {
 	case err == nil:
 		w.results.WithLabelValues("cosigned").Inc()
+		w.cosigned(origin, req.checkpoint)
 		return Outcome{Status: 200, Body: sigs}
 	case errors.Is(err, witness.ErrCheckpointStale):
 		w.results.WithLabelValues("stale").Inc()

@@ -30,7 +30,7 @@ const testOrigin = "example.com/plain-tessera"
 // plainLog is a log written by tessera alone, not by knhk: the interop
 // case of a knhk witness cosigning any C2SP log.
 type plainLog struct {
-	t      *testing.T
+	t      testing.TB
 	add    func(context.Context, *tessera.Entry) tessera.IndexFuture
 	reader tessera.LogReader
 	vkey   string
@@ -38,7 +38,7 @@ type plainLog struct {
 	n      uint64
 }
 
-func newPlainLog(t *testing.T) *plainLog {
+func newPlainLog(t testing.TB) *plainLog {
 	t.Helper()
 	skey, vkey, err := note.GenerateKey(rand.Reader, testOrigin)
 	if err != nil {
@@ -66,11 +66,15 @@ func newPlainLog(t *testing.T) *plainLog {
 func (l *plainLog) grow(n int) []byte {
 	l.t.Helper()
 	ctx := context.Background()
-	for range n {
-		if _, err := l.add(ctx, tessera.NewEntry(fmt.Appendf(nil, "entry %d", l.n)))(); err != nil {
+	futures := make([]tessera.IndexFuture, 0, n)
+	for range n { // queued together, so they share batches
+		futures = append(futures, l.add(ctx, tessera.NewEntry(fmt.Appendf(nil, "entry %d", l.n))))
+		l.n++
+	}
+	for _, f := range futures {
+		if _, err := f(); err != nil {
 			l.t.Fatal(err)
 		}
-		l.n++
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
@@ -117,7 +121,7 @@ type testWitness struct {
 	path   string
 }
 
-func newTestWitness(t *testing.T, logs []string, dir string) *testWitness {
+func newTestWitness(t testing.TB, logs []string, dir string) *testWitness {
 	t.Helper()
 	c, err := LoadOrCreateKey(filepath.Join(dir, "witness.key"), "us-east")
 	if err != nil {
