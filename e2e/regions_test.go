@@ -30,6 +30,7 @@ type region struct {
 	stack      *harness.Stack
 	logKey     string
 	witnessKey string
+	mirrorKey  string
 }
 
 func (r *region) knhk() *harness.Knhk {
@@ -81,11 +82,12 @@ func (r *region) bootstrap(t *testing.T, lg io.Writer) {
 	var keys struct {
 		Log     string `json:"log_verifier_key"`
 		Witness string `json:"witness_verifier_key"`
+		Mirror  string `json:"mirror_verifier_key"`
 	}
-	if err := json.Unmarshal(b, &keys); err != nil || keys.Log == "" || keys.Witness == "" {
+	if err := json.Unmarshal(b, &keys); err != nil || keys.Log == "" || keys.Witness == "" || keys.Mirror == "" {
 		t.Fatalf("%s: /v1/keys %s: %v", r.name, b, err)
 	}
-	r.logKey, r.witnessKey = keys.Log, keys.Witness
+	r.logKey, r.witnessKey, r.mirrorKey = keys.Log, keys.Witness, keys.Mirror
 }
 
 // regionMetric reads one series (name with its labels) of a knhk's /metrics.
@@ -103,7 +105,44 @@ type durability struct {
 	Index        uint64 `json:"index"`
 	Cosignatures []struct {
 		Region string `json:"region"`
+		Role   string `json:"role"`
 	} `json:"cosignatures"`
+}
+
+// mirroredBy lists the regions whose mirror cosigned.
+func (d durability) mirroredBy() []string {
+	var out []string
+	for _, c := range d.Cosignatures {
+		if c.Role == "mirror" {
+			out = append(out, c.Region)
+		}
+	}
+	return out
+}
+
+// mirrored is what a region's mirror holds of origin.
+func mirrored(t *testing.T, k *harness.Knhk, origin string) (size uint64, root []byte) {
+	t.Helper()
+	b, err := k.Get("/v1/region/mirror")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ml struct {
+		Logs []struct {
+			Origin string `json:"origin"`
+			Size   uint64 `json:"size"`
+			Root   []byte `json:"root"`
+		} `json:"logs"`
+	}
+	if err := json.Unmarshal(b, &ml); err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range ml.Logs {
+		if l.Origin == origin {
+			return l.Size, l.Root
+		}
+	}
+	return 0, nil
 }
 
 func bundleOf(k *harness.Knhk, tok string) (durability, error) {
@@ -181,7 +220,7 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 				t.Fatal(err)
 			}
 			from.cfg.Region.Peers = append(from.cfg.Region.Peers, config.RegionPeer{
-				Name: to.name, URL: "http://" + listen, WitnessKey: to.witnessKey, LogKeys: []string{to.logKey},
+				Name: to.name, URL: "http://" + listen, WitnessKey: to.witnessKey, LogKeys: []string{to.logKey}, MirrorKey: to.mirrorKey,
 			})
 		}
 	}
@@ -219,8 +258,8 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 	first := receiptNow(t, us.stack, "first")
 	err = harness.Poll(30*time.Second, 200*time.Millisecond, func() error {
 		d, err := bundleOf(usK, first)
-		if err != nil || !d.Durable || len(d.Cosignatures) != 2 {
-			return fmt.Errorf("not durable by both peers yet: %+v %v", d, err)
+		if err != nil || !d.Durable || len(d.mirroredBy()) != 2 {
+			return fmt.Errorf("not held by both peers' mirrors yet: %+v %v", d, err)
 		}
 		return nil
 	})
@@ -234,6 +273,15 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 	}
 	if out, err := runCmd(binDir+"/knhk", "receipt", "verify", "--policy", policy, "--admin", usK.AdminURL(), first); err != nil || !strings.Contains(out, "✓ policy") {
 		t.Fatalf("receipt verify --policy: %v\n%s", err, out)
+	}
+	// A verifier that wants the entries held in both other regions pins
+	// their mirror keys.
+	held := filepath.Join(t.TempDir(), "held")
+	if err := os.WriteFile(held, []byte(fmt.Sprintf("log %s\nwitness eu-west-mirror %s\nwitness ap-south-mirror %s\ngroup mirrors all eu-west-mirror ap-south-mirror\nquorum mirrors\n", us.logKey, eu.mirrorKey, ap.mirrorKey)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := runCmd(binDir+"/knhk", "receipt", "verify", "--policy", held, "--admin", usK.AdminURL(), first); err != nil || !strings.Contains(out, "✓ policy") {
+		t.Fatalf("receipt verify --policy (both mirrors): %v\n%s", err, out)
 	}
 	// A policy that needs a witness that never cosigned names the check.
 	_, stranger, _ := note.GenerateKey(rand.Reader, "stranger")
@@ -279,7 +327,10 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 	setLinks(eu, true, us, ap)
 	err = harness.Poll(60*time.Second, 250*time.Millisecond, func() error {
 		if got := regionMetric(t, usK, `knhk_region_peer_cosigned_size{peer="eu-west"}`); got < healedAt {
-			return fmt.Errorf("eu-west has cosigned size %v, the log was %v at the heal", got, healedAt)
+			return fmt.Errorf("eu-west's mirror has cosigned size %v, the log was %v at the heal", got, healedAt)
+		}
+		if n, _ := mirrored(t, eu.k, us.cfg.Receipts.Origin); float64(n) < healedAt {
+			return fmt.Errorf("eu-west's mirror holds %d entries, the log was %v at the heal", n, healedAt)
 		}
 		return nil
 	})
@@ -371,6 +422,31 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 		}
 	}
 	t.Logf("%d requests under load; %d not served with a receipt, %d receipts not found", len(samples), failed, missing)
+	// Every mirror holds the same entries as the log: the same root at
+	// the same size, once they have caught up.
+	err = harness.Poll(60*time.Second, 250*time.Millisecond, func() error {
+		size := regionMetric(t, usK, "knhk_region_checkpoint_size")
+		for _, r := range []*region{eu, ap} {
+			if n, _ := mirrored(t, r.k, us.cfg.Receipts.Origin); float64(n) != size {
+				return fmt.Errorf("%s's mirror holds %d of %v entries", r.name, n, size)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cp, err := usK.Get("/v1/checkpoint")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.SplitN(string(cp), "\n", 4)
+	for _, r := range []*region{eu, ap} {
+		n, root := mirrored(t, r.k, us.cfg.Receipts.Origin)
+		if strconv.FormatUint(n, 10) != lines[1] || base64.StdEncoding.EncodeToString(root) != lines[2] {
+			t.Fatalf("%s's mirror holds %d entries with root %x; the log's checkpoint is %s / %s", r.name, n, root, lines[1], lines[2])
+		}
+	}
 	if failed > 0 || missing > 0 || len(samples) < offered {
 		t.Fatalf("%d of %d requests not served with a receipt, %d receipts missing from the log (at least %d expected)", failed, len(samples), missing, offered)
 	}

@@ -143,8 +143,12 @@ func (q *Quorum) Observe(raw []byte, now time.Time) error {
 	old := q.State()
 	if m := Merge(q.last, raw); m != nil {
 		raw = m // the same checkpoint again, perhaps with more signatures
+	} else if m := Merge(old.Durable, raw); m != nil {
+		raw = m // another cosignature on the kept one
 	}
-	if bytes.Equal(raw, q.last) || (size < old.Size && size <= old.DurableSize) {
+	more := size == old.DurableSize && len(raw) > len(old.Durable) // the kept one, cosigned by more
+	newer := size >= old.Size && !bytes.Equal(raw, q.last)
+	if !newer && size <= old.DurableSize && !more {
 		return nil // nothing new
 	}
 	cs := q.cos.Of(raw)
@@ -153,7 +157,7 @@ func (q *Quorum) Observe(raw []byte, now time.Time) error {
 	for k, v := range old.Peers {
 		st.Peers[k] = v
 	}
-	if size >= old.Size {
+	if newer {
 		// The latest: it sets the lag.
 		q.last = raw
 		st.Size, st.Met = size, met
@@ -172,7 +176,7 @@ func (q *Quorum) Observe(raw []byte, now time.Time) error {
 			q.pending = append(q.pending, seen{size, now})
 		}
 	}
-	if met && size > old.DurableSize {
+	if met && (size > old.DurableSize || more) {
 		if err := fsutil.WriteFileAtomic(q.path, raw, 0o600); err != nil {
 			// Still report the peers' progress; durability waits for a write.
 			st.Met = false

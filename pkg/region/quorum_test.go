@@ -199,3 +199,24 @@ func TestQuorumPendingIsBounded(t *testing.T) {
 		t.Fatalf("%d pending, want %d", len(q.pending), maxPending)
 	}
 }
+
+// TestQuorumAddsUpCosignatures: cosignatures that arrive apart, on the
+// same checkpoint, add up in the checkpoint kept, even once a newer one
+// is out.
+func TestQuorumAddsUpCosignatures(t *testing.T) {
+	p := newCosigningPeers(t, "eu-west", "ap-south")
+	q := p.quorum(t, filepath.Join(t.TempDir(), "q"), nil, 0, 1)
+	now := time.Now()
+	for _, cp := range [][]byte{p.checkpoint(t, 5), p.checkpoint(t, 5, 0), p.checkpoint(t, 7), p.checkpoint(t, 5, 1)} {
+		if err := q.Observe(cp, now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st := q.State()
+	if st.Size != 7 || st.DurableSize != 5 {
+		t.Fatalf("state: %+v", st)
+	}
+	if cs := q.cos.Of(st.Durable); len(cs) != 2 {
+		t.Fatalf("the kept checkpoint has %d cosignatures, want both peers':\n%s", len(cs), st.Durable)
+	}
+}
