@@ -19,76 +19,7 @@ import (
 	"golang.org/x/mod/sumdb/note"
 
 	"github.com/knhk/knhk/internal/harness"
-	"github.com/knhk/knhk/pkg/config"
 )
-
-// region is one of the three knhk processes of the regions test.
-type region struct {
-	name, ip   string
-	cfg        config.Config
-	k          *harness.Knhk // eu-west and ap-south; us-east runs in stack
-	stack      *harness.Stack
-	logKey     string
-	witnessKey string
-	mirrorKey  string
-}
-
-func (r *region) knhk() *harness.Knhk {
-	if r.stack != nil {
-		return r.stack.Knhk
-	}
-	return r.k
-}
-
-// regionConfig is a standalone knhk on ip with receipts and listen.region.
-func regionConfig(t *testing.T, name, ip string) config.Config {
-	t.Helper()
-	ports, err := harness.FreePorts(4)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := config.Default()
-	c.Listen.GRPC = ip + ":" + strconv.Itoa(ports[0])
-	c.Listen.Admin = ip + ":" + strconv.Itoa(ports[1])
-	c.Listen.XDS = ip + ":" + strconv.Itoa(ports[2])
-	c.Listen.Region = ip + ":" + strconv.Itoa(ports[3])
-	c.DataDir = filepath.Join(t.TempDir(), "data")
-	c.Upstreams.Stable, c.Upstreams.Canary = []string{"127.0.0.1:1"}, []string{"127.0.0.1:2"}
-	c.Receipts.Enabled = true
-	c.Receipts.Origin = "knhk/" + name
-	c.Receipts.CheckpointInterval = config.Duration(500 * time.Millisecond)
-	c.Region = config.Region{Name: name, Quorum: 2}
-	return c
-}
-
-// bootstrap starts a region once with no peers, which mints its log key
-// and its witness key, and reads both from GET /v1/keys.
-func (r *region) bootstrap(t *testing.T, lg io.Writer) {
-	t.Helper()
-	c := r.cfg
-	c.Region.Quorum = 0 // alone: a majority of one
-	k, err := harness.StartKnhk(filepath.Join(binDir, "knhk"), t.TempDir(), c, lg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = k.Stop(10 * time.Second) }()
-	if err := k.WaitReady(30 * time.Second); err != nil {
-		t.Fatalf("%s: %v", r.name, err)
-	}
-	b, err := k.Get("/v1/keys")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var keys struct {
-		Log     string `json:"log_verifier_key"`
-		Witness string `json:"witness_verifier_key"`
-		Mirror  string `json:"mirror_verifier_key"`
-	}
-	if err := json.Unmarshal(b, &keys); err != nil || keys.Log == "" || keys.Witness == "" || keys.Mirror == "" {
-		t.Fatalf("%s: /v1/keys %s: %v", r.name, b, err)
-	}
-	r.logKey, r.witnessKey, r.mirrorKey = keys.Log, keys.Witness, keys.Mirror
-}
 
 // regionMetric reads one series (name with its labels) of a knhk's /metrics.
 func regionMetric(t *testing.T, k *harness.Knhk, series string) float64 {
@@ -192,70 +123,28 @@ func postCheckpoint(url string, body []byte) (int, string, error) {
 func TestRegionsWitnessEachOther(t *testing.T) {
 	needEnvoy(t)
 	lg := logs(t)
-	regions := []*region{{name: "us-east", ip: "127.0.0.1"}, {name: "eu-west", ip: "127.0.0.2"}, {name: "ap-south", ip: "127.0.0.3"}}
-	for _, r := range regions {
-		r.cfg = regionConfig(t, r.name, r.ip)
-		r.bootstrap(t, lg)
-	}
-	tp, err := harness.StartToxiproxy(lg)
+	rs, err := harness.StartRegions(harness.RegionsOptions{BinDir: binDir, Dir: t.TempDir(), Logs: lg, Quorum: 2,
+		Names: []string{"us-east", "eu-west", "ap-south"}, IPs: []string{"127.0.0.1", "127.0.0.2", "127.0.0.3"}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(tp.Close)
-	// One proxy per direction, so a partition cuts both ways.
-	link := func(from, to *region) string { return from.name + "-to-" + to.name }
-	ports, err := harness.FreePorts(6)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, from := range regions {
-		from.cfg.Region.Peers = nil
-		for _, to := range regions {
-			if from == to {
-				continue
-			}
-			listen := "127.0.0.1:" + strconv.Itoa(ports[0])
-			ports = ports[1:]
-			if err := tp.Proxy(link(from, to), listen, to.cfg.Listen.Region); err != nil {
-				t.Fatal(err)
-			}
-			from.cfg.Region.Peers = append(from.cfg.Region.Peers, config.RegionPeer{
-				Name: to.name, URL: "http://" + listen, WitnessKey: to.witnessKey, LogKeys: []string{to.logKey}, MirrorKey: to.mirrorKey,
-			})
-		}
-	}
-	setLinks := func(r *region, on bool, others ...*region) {
+	t.Cleanup(rs.Close)
+	us, eu, ap := rs.List[0], rs.List[1], rs.List[2]
+	setLinks := func(r *harness.Region, on bool, others ...*harness.Region) {
 		t.Helper()
-		for _, o := range others {
-			for _, name := range []string{link(r, o), link(o, r)} {
-				if err := tp.SetEnabled(name, on); err != nil {
-					t.Fatal(err)
-				}
-			}
-		}
-	}
-	us, eu, ap := regions[0], regions[1], regions[2]
-	for _, r := range []*region{eu, ap} {
-		if r.k, err = harness.StartKnhk(filepath.Join(binDir, "knhk"), t.TempDir(), r.cfg, lg, nil); err != nil {
+		if err := rs.SetLinks(r, on, others...); err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { _ = r.k.Stop(10 * time.Second) })
-		if err := r.k.WaitReady(30 * time.Second); err != nil {
-			t.Fatalf("%s: %v", r.name, err)
-		}
 	}
-	us.stack = startStack(t, harness.StackOptions{Weight: 0, Logs: lg, Configure: func(c *config.Config) {
-		c.DataDir, c.Receipts, c.Region, c.Listen.Region = us.cfg.DataDir, us.cfg.Receipts, us.cfg.Region, us.cfg.Listen.Region
-	}})
-	usK := us.stack.Knhk
+	usK := us.Knhk
 
 	const rate = 100
-	load := harness.StartLoad(us.stack.URL, rate, "region")
+	load := harness.StartLoad(us.Stack.URL, rate, "region")
 	loadStart := time.Now()
 	defer load.Stop()
 
 	// Normal: durable by both peers, and verified against our own policy.
-	first := receiptNow(t, us.stack, "first")
+	first := receiptNow(t, us.Stack, "first")
 	err = harness.Poll(30*time.Second, 200*time.Millisecond, func() error {
 		d, err := bundleOf(usK, first)
 		if err != nil || !d.Durable || len(d.mirroredBy()) != 2 {
@@ -267,7 +156,7 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 		t.Fatal(err)
 	}
 	policy := filepath.Join(t.TempDir(), "policy")
-	pol := fmt.Sprintf("log %s\nwitness eu-west %s\nwitness ap-south %s\ngroup peers 1 eu-west ap-south\nquorum peers\n", us.logKey, eu.witnessKey, ap.witnessKey)
+	pol := fmt.Sprintf("log %s\nwitness eu-west %s\nwitness ap-south %s\ngroup peers 1 eu-west ap-south\nquorum peers\n", us.LogKey, eu.WitnessKey, ap.WitnessKey)
 	if err := os.WriteFile(policy, []byte(pol), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -277,7 +166,7 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 	// A verifier that wants the entries held in both other regions pins
 	// their mirror keys.
 	held := filepath.Join(t.TempDir(), "held")
-	if err := os.WriteFile(held, []byte(fmt.Sprintf("log %s\nwitness eu-west-mirror %s\nwitness ap-south-mirror %s\ngroup mirrors all eu-west-mirror ap-south-mirror\nquorum mirrors\n", us.logKey, eu.mirrorKey, ap.mirrorKey)), 0o600); err != nil {
+	if err := os.WriteFile(held, []byte(fmt.Sprintf("log %s\nwitness eu-west-mirror %s\nwitness ap-south-mirror %s\ngroup mirrors all eu-west-mirror ap-south-mirror\nquorum mirrors\n", us.LogKey, eu.MirrorKey, ap.MirrorKey)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if out, err := runCmd(binDir+"/knhk", "receipt", "verify", "--policy", held, "--admin", usK.AdminURL(), first); err != nil || !strings.Contains(out, "✓ policy") {
@@ -286,7 +175,7 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 	// A policy that needs a witness that never cosigned names the check.
 	_, stranger, _ := note.GenerateKey(rand.Reader, "stranger")
 	strict := filepath.Join(t.TempDir(), "strict")
-	if err := os.WriteFile(strict, []byte(fmt.Sprintf("log %s\nwitness stranger %s\nquorum stranger\n", us.logKey, cosigKey(t, stranger))), 0o600); err != nil {
+	if err := os.WriteFile(strict, []byte(fmt.Sprintf("log %s\nwitness stranger %s\nquorum stranger\n", us.LogKey, cosigKey(t, stranger))), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if out, err := runCmd(binDir+"/knhk", "receipt", "verify", "--policy", strict, "--admin", usK.AdminURL(), first); err == nil || !strings.Contains(out, "policy") {
@@ -303,7 +192,7 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 	during := ""
 	err = harness.Poll(60*time.Second, 500*time.Millisecond, func() error {
 		if during == "" && time.Since(partitioned) > 5*time.Second {
-			during = receiptNow(t, us.stack, "during")
+			during = receiptNow(t, us.Stack, "during")
 		}
 		if during == "" {
 			return fmt.Errorf("partition just began")
@@ -329,7 +218,7 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 		if got := regionMetric(t, usK, `knhk_region_peer_cosigned_size{peer="eu-west"}`); got < healedAt {
 			return fmt.Errorf("eu-west's mirror has cosigned size %v, the log was %v at the heal", got, healedAt)
 		}
-		if n, _ := mirrored(t, eu.k, us.cfg.Receipts.Origin); float64(n) < healedAt {
+		if n, _ := mirrored(t, eu.Knhk, us.Config.Receipts.Origin); float64(n) < healedAt {
 			return fmt.Errorf("eu-west's mirror holds %d entries, the log was %v at the heal", n, healedAt)
 		}
 		return nil
@@ -340,7 +229,7 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 
 	// Both peers cut off from us-east: still served, durable: false.
 	setLinks(us, false, eu, ap)
-	alone := receiptNow(t, us.stack, "alone")
+	alone := receiptNow(t, us.Stack, "alone")
 	err = harness.Poll(30*time.Second, 250*time.Millisecond, func() error {
 		b, err := usK.Get("/v1/receipts/" + alone)
 		if err != nil {
@@ -373,11 +262,11 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 	// kill -9 eu-west while pushes flow; after restart it neither cosigns
 	// an older checkpoint nor forgets what it cosigned.
 	before := regionMetric(t, usK, `knhk_region_peer_cosigned_size{peer="eu-west"}`)
-	eu.k.Kill()
-	if err := eu.k.Restart(false); err != nil {
+	eu.Knhk.Kill()
+	if err := eu.Knhk.Restart(false); err != nil {
 		t.Fatal(err)
 	}
-	direct := "http://" + eu.cfg.Listen.Region
+	direct := "http://" + eu.Config.Listen.Region
 	code, msg, err := postCheckpoint(direct, append([]byte("old 0\n\n"), oldCheckpoint...))
 	if err != nil || code != http.StatusConflict {
 		t.Fatalf("eu-west after kill -9, an old checkpoint with old 0: %d %q %v (want 409: it cosigned newer)", code, msg, err)
@@ -393,17 +282,17 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 	}
 
 	// A forged checkpoint of us-east's log: refused, kept, counted.
-	forger, _, _ := note.GenerateKey(rand.Reader, us.cfg.Receipts.Origin)
+	forger, _, _ := note.GenerateKey(rand.Reader, us.Config.Receipts.Origin)
 	fs, _ := note.NewSigner(forger)
-	forged, _ := note.Sign(&note.Note{Text: fmt.Sprintf("%s\n%d\n%s\n", us.cfg.Receipts.Origin, 1<<20, base64.StdEncoding.EncodeToString(make([]byte, 32)))}, fs)
+	forged, _ := note.Sign(&note.Note{Text: fmt.Sprintf("%s\n%d\n%s\n", us.Config.Receipts.Origin, 1<<20, base64.StdEncoding.EncodeToString(make([]byte, 32)))}, fs)
 	if code, msg, err := postCheckpoint(direct, append([]byte("old 0\n\n"), forged...)); err != nil || code != http.StatusForbidden {
 		t.Fatalf("a forged checkpoint: %d %q %v, want 403", code, msg, err)
 	}
-	ev, err := eu.k.Get("/v1/region/evidence")
+	ev, err := eu.Knhk.Get("/v1/region/evidence")
 	if err != nil || !strings.Contains(string(ev), "unknown_key") {
 		t.Fatalf("evidence: %s %v", ev, err)
 	}
-	if n := regionMetric(t, eu.k, `knhk_region_inconsistency_total{kind="unknown_key",origin="knhk/us-east"}`); n != 1 {
+	if n := regionMetric(t, eu.Knhk, `knhk_region_inconsistency_total{kind="unknown_key",origin="knhk/us-east"}`); n != 1 {
 		t.Fatalf("knhk_region_inconsistency_total for the forgery: %v", n)
 	}
 
@@ -426,9 +315,9 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 	// the same size, once they have caught up.
 	err = harness.Poll(60*time.Second, 250*time.Millisecond, func() error {
 		size := regionMetric(t, usK, "knhk_region_checkpoint_size")
-		for _, r := range []*region{eu, ap} {
-			if n, _ := mirrored(t, r.k, us.cfg.Receipts.Origin); float64(n) != size {
-				return fmt.Errorf("%s's mirror holds %d of %v entries", r.name, n, size)
+		for _, r := range []*harness.Region{eu, ap} {
+			if n, _ := mirrored(t, r.Knhk, us.Config.Receipts.Origin); float64(n) != size {
+				return fmt.Errorf("%s's mirror holds %d of %v entries", r.Name, n, size)
 			}
 		}
 		return nil
@@ -441,10 +330,10 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 		t.Fatal(err)
 	}
 	lines := strings.SplitN(string(cp), "\n", 4)
-	for _, r := range []*region{eu, ap} {
-		n, root := mirrored(t, r.k, us.cfg.Receipts.Origin)
+	for _, r := range []*harness.Region{eu, ap} {
+		n, root := mirrored(t, r.Knhk, us.Config.Receipts.Origin)
 		if strconv.FormatUint(n, 10) != lines[1] || base64.StdEncoding.EncodeToString(root) != lines[2] {
-			t.Fatalf("%s's mirror holds %d entries with root %x; the log's checkpoint is %s / %s", r.name, n, root, lines[1], lines[2])
+			t.Fatalf("%s's mirror holds %d entries with root %x; the log's checkpoint is %s / %s", r.Name, n, root, lines[1], lines[2])
 		}
 	}
 	if failed > 0 || missing > 0 || len(samples) < offered {
