@@ -78,7 +78,7 @@ func parseRates(name, s string) []int {
 }
 
 // partNames are the parts of a run, in the order they run.
-var partNames = []string{"latency", "capacity", "rollback", "false-rollbacks", "xds", "overload", "receipts", "mtls"}
+var partNames = []string{"latency", "capacity", "rollback", "false-rollbacks", "xds", "overload", "receipts", "mtls", "regions"}
 
 // runAll runs the latency comparison, the capacity sweep and the rollout
 // benchmarks.
@@ -106,6 +106,7 @@ func runAll(only string, runs int, latency func() error, capacity func(bin, work
 		{"overload", func() error { return overloadBench(bin, work, logs) }},
 		{"receipts", func() error { return receiptsBench(bin, work, logs) }},
 		{"mtls", func() error { return mtlsBench(bin, work, logs) }},
+		{"regions", func() error { return regionsBench(bin, work, logs) }},
 	}
 	ran := false
 	for _, p := range parts {

@@ -182,8 +182,11 @@ func (r *Region) bootstrap(o RegionsOptions) error {
 		Witness string `json:"witness_verifier_key"`
 		Mirror  string `json:"mirror_verifier_key"`
 	}
-	if err := json.Unmarshal(b, &keys); err != nil || keys.Log == "" || keys.Witness == "" || keys.Mirror == "" {
-		return fmt.Errorf("%s: /v1/keys %s: %v", r.Name, b, err)
+	if err := json.Unmarshal(b, &keys); err != nil {
+		return fmt.Errorf("%s: /v1/keys %s: %w", r.Name, b, err)
+	}
+	if keys.Log == "" || keys.Witness == "" || keys.Mirror == "" {
+		return fmt.Errorf("%s: /v1/keys lacks a key: %s", r.Name, b)
 	}
 	r.LogKey, r.WitnessKey, r.MirrorKey = keys.Log, keys.Witness, keys.Mirror
 	return nil

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/transparency-dev/tessera"
 
@@ -166,29 +167,73 @@ func (s *Server) witnessing(cfg *config.Config, signer kms.Signer) (receipt.Witn
 		return receipt.Witnessing{}, fmt.Errorf("region: witness policy: %w", err)
 	}
 	s.regionPolicy = policy
-	w := receipt.Witnessing{Witnesses: &g, Timeout: witnessTimeout}
-	defer func() { s.regionClient = w.Client }() // the mirror pushers dial the peers as tessera does
+	// One transport for the witness pushes and the mirror pushes, dialing
+	// only the peers' URLs and counting the bytes on each connection.
+	peerAt, ids := map[string]string{}, map[string]spiffeid.ID{}
+	for _, p := range cfg.Region.Peers {
+		u, _ := url.Parse(p.URL) // validated
+		peerAt[hostPort(u)] = p.Name
+		if cfg.Identity.Enabled() {
+			ids[hostPort(u)] = spiffeid.RequireFromString(p.SpiffeID)
+		}
+	}
+	wire := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "knhk_region_wire_bytes_total",
+		Help: "Bytes this region sent to and received from each peer on the connections it opened (witness and mirror pushes; TLS and HTTP included).",
+	}, []string{"peer", "direction"})
+	if err := s.reg.Register(wire); err != nil {
+		return receipt.Witnessing{}, err
+	}
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		peer, ok := peerAt[addr]
+		if !ok {
+			return nil, fmt.Errorf("region: %s is not a peer's URL", addr)
+		}
+		var d net.Dialer
+		c, err := d.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return &countingConn{Conn: c, sent: wire.WithLabelValues(peer, "sent"), received: wire.WithLabelValues(peer, "received")}, nil
+	}
+	t := &http.Transport{DialContext: dial, MaxIdleConnsPerHost: 4}
 	if cfg.Identity.Enabled() {
 		// Each peer URL must present that peer's SPIFFE ID, not any peer's.
-		byAddr := map[string]spiffeid.ID{}
-		for _, p := range cfg.Region.Peers {
-			u, _ := url.Parse(p.URL) // validated
-			byAddr[hostPort(u)] = spiffeid.RequireFromString(p.SpiffeID)
+		t.DialTLSContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := dial(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			tc := tls.Client(c, identity.ClientTLS(s.identity, s.identity, ids[addr]))
+			if err := tc.HandshakeContext(ctx); err != nil {
+				_ = c.Close()
+				return nil, err
+			}
+			return tc, nil
 		}
-		w.Client = &http.Client{Timeout: witnessTimeout, Transport: &http.Transport{
-			DialTLSContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-				id, ok := byAddr[addr]
-				if !ok {
-					return nil, fmt.Errorf("region: %s is not a peer's URL", addr)
-				}
-				d := tls.Dialer{Config: identity.ClientTLS(s.identity, s.identity, id)}
-				return d.DialContext(ctx, network, addr)
-			},
-		}}
-	} else {
-		w.Client = &http.Client{Timeout: witnessTimeout}
 	}
-	return w, nil
+	// A mirror catching up takes up to 32 packages a request: more time
+	// than a cosignature.
+	s.regionClient = &http.Client{Timeout: 30 * time.Second, Transport: t}
+	return receipt.Witnessing{Witnesses: &g, Timeout: witnessTimeout, Client: &http.Client{Timeout: witnessTimeout, Transport: t}}, nil
+}
+
+// countingConn counts the bytes a connection carries.
+type countingConn struct {
+	net.Conn
+	sent, received prometheus.Counter
+}
+
+func (c *countingConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	c.received.Add(float64(n))
+	return n, err
+}
+
+func (c *countingConn) Write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	c.sent.Add(float64(n))
+	return n, err
 }
 
 // hostPort is the address a URL dials, with the scheme's default port.

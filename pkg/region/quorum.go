@@ -108,7 +108,7 @@ func NewQuorum(o QuorumOptions) (*Quorum, error) {
 	q.delay = prometheus.NewHistogram(prometheus.HistogramOpts{
 		Name:    "knhk_region_quorum_delay_seconds",
 		Help:    "From a checkpoint size first being published to a checkpoint covering it meeting region.quorum.",
-		Buckets: []float64{.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 1800},
+		Buckets: []float64{.01, .025, .05, .1, .2, .3, .5, .75, 1, 1.5, 2, 3, 5, 10, 30, 60, 120, 300, 1800},
 	})
 	for _, p := range o.Peers {
 		q.peerSize.WithLabelValues(p)
