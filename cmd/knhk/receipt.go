@@ -93,6 +93,10 @@ func receiptCmd(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "knhk receipt verify: %s check failed\n", c.Name)
 			return 1
 		}
+		if c.Note != "" {
+			fmt.Fprintf(stdout, "✓ %-11s %s\n", c.Name, c.Note)
+			continue
+		}
 		fmt.Fprintf(stdout, "✓ %s\n", c.Name)
 	}
 	fmt.Fprintf(stdout, "receipt %d verified\n", b.Index)

@@ -34,6 +34,7 @@ func (s *Server) adminMux() *http.ServeMux {
 	mux.HandleFunc("GET /v1/keys", s.handleKeys)
 	mux.HandleFunc("POST /v1/keys/refresh", s.handleKeysRefresh)
 	mux.HandleFunc("GET /v1/consistency", s.handleConsistency)
+	s.holdRoutes(mux) // POST, GET /v1/holds; DELETE /v1/holds/{id}
 	mux.HandleFunc("GET /v1/region/evidence", s.handleEvidence)
 	mux.HandleFunc("GET /v1/region/policy", s.handlePolicy)
 	mux.HandleFunc("GET /v1/region/mirror", s.handleMirror)

@@ -5,11 +5,14 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	stdlog "log"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"net/url"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -119,7 +122,11 @@ func (s *Server) openRegion(cfg *config.Config) error {
 		// nobody may push.
 		r.lis = tls.NewListener(r.lis, identity.ServerTLS(s.identity, s.identity, allowed))
 	}
-	r.http = &http.Server{Handler: w.Handler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second}
+	refused := prometheus.NewCounter(prometheus.CounterOpts{Name: "knhk_region_handshakes_refused_total",
+		Help: "Connections to listen.region refused at the TLS handshake (no certificate, or a SPIFFE ID no peer has)."})
+	s.reg.MustRegister(refused)
+	r.http = &http.Server{Handler: w.Handler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second,
+		ErrorLog: stdlog.New(serverErrors{log: s.log, refused: refused}, "", 0)}
 	if s.receipts == nil {
 		return nil
 	}
@@ -142,6 +149,15 @@ func (s *Server) openRegion(cfg *config.Config) error {
 			return err
 		}
 		r.pushers = append(r.pushers, pu)
+	}
+	if len(r.pushers) > 0 {
+		s.receipts.SetPruneBound(func() uint64 {
+			least := uint64(math.MaxUint64)
+			for _, p := range r.pushers {
+				least = min(least, p.Held())
+			}
+			return least
+		})
 	}
 	return nil
 }
@@ -364,4 +380,21 @@ func (s *Server) handleMirror(w http.ResponseWriter, _ *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"logs": logs})
+}
+
+// serverErrors takes net/http's error lines for listen.region into the
+// JSON log, and counts the refused handshakes: a peer that is not one is
+// otherwise invisible.
+type serverErrors struct {
+	log     *slog.Logger
+	refused prometheus.Counter
+}
+
+func (e serverErrors) Write(p []byte) (int, error) {
+	msg := strings.TrimSpace(string(p))
+	if strings.Contains(msg, "TLS handshake error") {
+		e.refused.Inc()
+	}
+	e.log.Warn("region: listen.region", "error", msg)
+	return len(p), nil
 }

@@ -34,6 +34,7 @@ import (
 	"github.com/knhk/knhk/pkg/canary"
 	"github.com/knhk/knhk/pkg/capacity"
 	"github.com/knhk/knhk/pkg/config"
+	"github.com/knhk/knhk/pkg/holds"
 	"github.com/knhk/knhk/pkg/identity"
 	"github.com/knhk/knhk/pkg/kms"
 	"github.com/knhk/knhk/pkg/promotion"
@@ -75,7 +76,8 @@ type Server struct {
 	region   *regionParts          // nil unless listen.region
 	// regionPolicy is set while opening receipts, before region exists.
 	regionPolicy []byte
-	regionClient *http.Client // reaches the peers (pinned mTLS under identity)
+	regionClient *http.Client   // reaches the peers (pinned mTLS under identity)
+	holds        *holds.Manager // with receipts on
 }
 
 // openIdentity opens the SVID source and exports its expiry.
@@ -235,6 +237,9 @@ func New(cfg config.Config, log *slog.Logger) (_ *Server, err error) {
 	}
 	if cfg.Receipts.Enabled {
 		if err := s.openReceipts(&cfg); err != nil {
+			return nil, err
+		}
+		if err := s.openHolds(); err != nil {
 			return nil, err
 		}
 	}
@@ -510,6 +515,13 @@ func (s *Server) closeBy(deadline time.Time) {
 			_ = s.region.mirror.Close()
 		}
 		_ = s.region.witness.Close()
+	}
+	if s.holds != nil {
+		// Before the log: a change being logged gives up (s.cancel above),
+		// and is logged at the next start.
+		if err := s.holds.Close(); err != nil {
+			s.log.Warn("closing the legal holds", "error", err.Error())
+		}
 	}
 	if s.receipts != nil {
 		// At least a moment, so the index and the journal close cleanly.

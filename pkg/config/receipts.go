@@ -26,7 +26,23 @@ type Receipts struct {
 	// sync and its batch signature, the two costs that are per group, not
 	// per receipt. 0: none (each sync takes what has queued meanwhile).
 	CommitWait Duration `yaml:"commit_wait"`
+	// Retention deletes old receipt bodies (legal holds excepted).
+	Retention Retention `yaml:"retention"`
 }
+
+// Retention is receipts.retention.
+type Retention struct {
+	// KeepBodiesFor: receipt bodies (path, caller and every other field)
+	// older than this are replaced by tombstones, unless a legal hold
+	// keeps them; leaf hashes stay, so proofs keep verifying. 0 (the
+	// default) keeps them for ever.
+	KeepBodiesFor Duration `yaml:"keep_bodies_for"`
+}
+
+// minKeepBodiesFor is the shortest retention: a receipt must outlive the
+// journal, the log's batching and a client's verify by far, and an hour
+// leaves an operator time to place a hold.
+const minKeepBodiesFor = time.Hour
 
 // KMSConfig selects the key that signs checkpoints and certifies the
 // delegated receipt keys.
@@ -87,6 +103,9 @@ func (r *Receipts) validate(fail failFunc) error {
 	if d := r.CommitWait.D(); d < 0 || d > 20*time.Millisecond {
 		return fail("receipts.commit_wait", "%s: from 0 to 20ms (every response may wait this long for its receipt)", d)
 	}
+	if d := r.Retention.KeepBodiesFor.D(); d != 0 && d < minKeepBodiesFor {
+		return fail("receipts.retention.keep_bodies_for", "%s: 0 (keep for ever) or at least %s", d, minKeepBodiesFor)
+	}
 	return nil
 }
 
@@ -96,5 +115,6 @@ func (r *Receipts) ServiceConfig(instance string) receipt.ServiceConfig {
 		instance = r.Instance
 	}
 	return receipt.ServiceConfig{Origin: r.Origin, Region: r.Region, Instance: instance, Delegation: r.Delegation.D(),
-		CheckpointInterval: r.CheckpointInterval.D(), BatchMaxAge: r.BatchMaxAge.D(), CommitWait: r.CommitWait.D(), KMSRefresh: r.KMS.RefreshInterval.D()}
+		CheckpointInterval: r.CheckpointInterval.D(), BatchMaxAge: r.BatchMaxAge.D(), CommitWait: r.CommitWait.D(), KMSRefresh: r.KMS.RefreshInterval.D(),
+		KeepBodiesFor: r.Retention.KeepBodiesFor.D()}
 }

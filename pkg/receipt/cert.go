@@ -84,6 +84,19 @@ var ErrCertificate = errors.New("certificate check failed")
 
 // Verify checks the KMS signature and that at was within the validity.
 func (s *SignedCert) Verify(issuerPub crypto.PublicKey, at time.Time) error {
+	if err := s.verifySignature(issuerPub); err != nil {
+		return err
+	}
+	c := &s.Cert
+	if at.Before(c.NotBefore) || !at.Before(c.NotAfter) {
+		return fmt.Errorf("%w: used at %s, valid %s to %s", ErrCertificate, at.UTC().Format(time.RFC3339), c.NotBefore.UTC().Format(time.RFC3339), c.NotAfter.UTC().Format(time.RFC3339))
+	}
+	return nil
+}
+
+// verifySignature checks the KMS signature and the lifetime, not when the
+// certificate was used.
+func (s *SignedCert) verifySignature(issuerPub crypto.PublicKey) error {
 	c := &s.Cert
 	if c.NotAfter.Sub(c.NotBefore) > MaxDelegation {
 		return fmt.Errorf("%w: valid for %s, over the %s maximum", ErrCertificate, c.NotAfter.Sub(c.NotBefore), MaxDelegation)
@@ -94,9 +107,6 @@ func (s *SignedCert) Verify(issuerPub crypto.PublicKey, at time.Time) error {
 	}
 	if err := kms.Verify(c.IssuerAlg, issuerPub, msg, s.Signature); err != nil {
 		return fmt.Errorf("%w: KMS signature by %s: %w", ErrCertificate, c.Issuer, err)
-	}
-	if at.Before(c.NotBefore) || !at.Before(c.NotAfter) {
-		return fmt.Errorf("%w: used at %s, valid %s to %s", ErrCertificate, at.UTC().Format(time.RFC3339), c.NotBefore.UTC().Format(time.RFC3339), c.NotAfter.UTC().Format(time.RFC3339))
 	}
 	return nil
 }

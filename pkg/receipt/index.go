@@ -56,6 +56,9 @@ var (
 	bucketMeta    = []byte("meta")
 	bucketBatches = []byte("batches")
 	keyMax        = []byte("max_index")
+	// bucketRetained and keyPruneNext are retention's (retention.go).
+	bucketRetained = []byte("retained")
+	keyPruneNext   = []byte("prune_next")
 )
 
 // reindexWindow is how far before the highest indexed entry a restart
@@ -79,7 +82,7 @@ func openIndex(path string, log *slog.Logger) (*index, error) {
 		return nil, fmt.Errorf("receipt index %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketIDs, bucketMeta, bucketBatches} {
+		for _, b := range [][]byte{bucketIDs, bucketMeta, bucketBatches, bucketRetained} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}

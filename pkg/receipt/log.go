@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"path/filepath"
 	"slices"
 	"sync/atomic"
 	"time"
@@ -22,6 +23,8 @@ import (
 	"github.com/transparency-dev/merkle/proof"
 	"github.com/transparency-dev/merkle/rfc6962"
 	"github.com/transparency-dev/tessera"
+	"github.com/transparency-dev/tessera/api"
+	"github.com/transparency-dev/tessera/api/layout"
 	"github.com/transparency-dev/tessera/client"
 	"github.com/transparency-dev/tessera/storage/posix"
 	"golang.org/x/mod/sumdb/note"
@@ -134,6 +137,7 @@ type Log struct {
 	shutdown  func(context.Context) error
 	cancel    context.CancelFunc // stops tessera's background work
 	origin    string
+	dir       string                          // tessera's POSIX layout (tlog-tiles)
 	verifiers atomic.Pointer[[]note.Verifier] // every checkpoint key ever used
 	vkeys     []string                        // their text, to skip duplicates; guarded by the caller
 }
@@ -173,7 +177,7 @@ func OpenLog(ctx context.Context, dir string, signer *NoteSigner, vkeys []string
 	if o.CheckpointInterval == 0 {
 		o.CheckpointInterval = defaultCheckpointInterval
 	}
-	l := &Log{origin: signer.Name()}
+	l := &Log{origin: signer.Name(), dir: dir}
 	l.verifiers.Store(&[]note.Verifier{})
 	for _, k := range vkeys {
 		if err := l.AddVerifier(k); err != nil {
@@ -349,7 +353,32 @@ func (l *Log) IntegratedSize(ctx context.Context) (uint64, error) {
 	return l.reader.IntegratedSize(ctx)
 }
 
-const layoutWidth = 256 // tlog-tiles entry bundle width
+const layoutWidth = 256 // tlog-tiles entry bundle width (and level-0 tile width)
+
+// bundlePath is the file of full entry bundle n. Tessera writes it once,
+// when the entry that fills it is sequenced, and never again once the tree
+// is integrated past it: it sequences from the integrated size, reading
+// back only the partial bundle there (storage/posix sequenceBatch).
+func (l *Log) bundlePath(n uint64) string {
+	return filepath.Join(l.dir, filepath.FromSlash(layout.EntriesPath(n, 0)))
+}
+
+// leafHashes are the leaf hashes of full bundle n's entries, from the
+// level-0 tile above it: what the tree and every proof commit to.
+func (l *Log) leafHashes(ctx context.Context, n uint64) ([][]byte, error) {
+	raw, err := l.reader.ReadTile(ctx, 0, n, 0)
+	if err != nil {
+		return nil, err
+	}
+	var t api.HashTile
+	if err := t.UnmarshalText(raw); err != nil {
+		return nil, fmt.Errorf("tile 0/%d: %w", n, err)
+	}
+	if len(t.Nodes) != layoutWidth {
+		return nil, fmt.Errorf("tile 0/%d: %d hashes, want %d", n, len(t.Nodes), layoutWidth)
+	}
+	return t.Nodes, nil
+}
 
 // ConsistencyProof proves that the tree of size smaller is a prefix of the
 // tree of size larger (an append-only log never rewrites history). size is

@@ -36,6 +36,10 @@ type ServiceConfig struct {
 	KMSRefresh time.Duration
 	// Witnessing: peer regions that cosign each checkpoint.
 	Witnessing Witnessing
+	// KeepBodiesFor is receipts.retention.keep_bodies_for: Run prunes the
+	// bodies of receipts older than this that no hold keeps (retention.go).
+	// 0 keeps them for ever.
+	KeepBodiesFor time.Duration
 }
 
 // Service issues receipts: it owns the delegated keys, the log, the KMS
@@ -69,6 +73,9 @@ type Service struct {
 	published []PublishedKMSKey // every KMS key ever used, oldest first
 
 	lastIntegrated atomic.Int64 // Unix ns when a receipt last entered the log, for Retry-After
+
+	ret        retention                     // pruning bodies under receipts.retention, and the holds that stop it
+	pruneBound atomic.Pointer[func() uint64] // nil: no bound (SetPruneBound)
 }
 
 type signerBox struct{ kms.Signer }
@@ -282,14 +289,14 @@ func (s *Service) reindex(ctx context.Context) error {
 		from = top - reindexWindow
 	}
 	return s.rlog.ScanFrom(ctx, from, size, func(i uint64, data []byte) error {
-		r, err := Decode(data)
+		id, err := entryID(data) // a receipt, or the tombstone of a pruned one
 		if err != nil {
 			return fmt.Errorf("receipt log entry %d: %w", i, err)
 		}
-		if _, ok, err := s.index.get(r.ID); err != nil || ok {
+		if _, ok, err := s.index.get(id); err != nil || ok {
 			return err
 		}
-		s.index.put(r.ID, indexRecord{index: i})
+		s.index.put(id, indexRecord{index: i})
 		return nil
 	})
 }
@@ -497,7 +504,9 @@ func (s *Service) Bundle(ctx context.Context, id [16]byte) (Bundle, error) {
 // BundleAt is Bundle proved against the signed checkpoint given (one of
 // this log's, verified here) instead of the latest: regions prove a
 // receipt against the newest checkpoint that met their quorum. A receipt
-// that checkpoint does not cover is ErrNotCovered.
+// that checkpoint does not cover is ErrNotCovered. A receipt whose body
+// retention pruned comes marked Pruned, with its leaf hash (proved here
+// against the checkpoint) and no body.
 func (s *Service) BundleAt(ctx context.Context, id [16]byte, checkpoint []byte) (Bundle, error) {
 	e, ok, err := s.index.get(id)
 	if err != nil {
@@ -532,15 +541,31 @@ func (s *Service) BundleAt(ctx context.Context, id [16]byte, checkpoint []byte) 
 	if err != nil {
 		return Bundle{}, err
 	}
-	r, err := Decode(data)
-	if err != nil {
-		return Bundle{}, fmt.Errorf("receipt log entry %d: %w", e.index, err)
+	b := Bundle{Index: e.index, Proof: p, Checkpoint: string(raw)}
+	var leaf [32]byte
+	if tid, tleaf, ok := ParseTombstone(data); ok {
+		// Pruned under retention: the leaf hash stands for the body, and
+		// the client's token proves it is the receipt it was given.
+		if tid != id {
+			return Bundle{}, fmt.Errorf("receipt log entry %d is the tombstone of another receipt", e.index)
+		}
+		if err := VerifyInclusion(tleaf, e.index, cp.Size, p, cp.Hash); err != nil {
+			return Bundle{}, fmt.Errorf("receipt log entry %d: its tombstone's leaf hash is not in the tree: %w", e.index, err)
+		}
+		leaf = tleaf
+		b.Pruned, b.LeafHash = true, leaf[:]
+	} else {
+		r, err := Decode(data)
+		if err != nil {
+			return Bundle{}, fmt.Errorf("receipt log entry %d: %w", e.index, err)
+		}
+		view, err := json.Marshal(r.View())
+		if err != nil {
+			return Bundle{}, err
+		}
+		leaf = LeafHash(data)
+		b.Receipt, b.Decoded = data, view
 	}
-	view, err := json.Marshal(r.View())
-	if err != nil {
-		return Bundle{}, err
-	}
-	b := Bundle{Receipt: data, Decoded: view, Index: e.index, Proof: p, Checkpoint: string(raw)}
 	// A receipt indexed by a rescan after a crash has no stored signature:
 	// verify it with the token the client received.
 	switch {
@@ -549,7 +574,6 @@ func (s *Service) BundleAt(ctx context.Context, id [16]byte, checkpoint []byte) 
 		if err != nil {
 			return Bundle{}, err
 		}
-		leaf := LeafHash(data)
 		switch {
 		case ok && e.leafIndex < len(sb.Leaves) && sb.Leaves[e.leafIndex] == leaf:
 			b.Token = batchToken(id, leaf, sb, e.leafIndex, sb.paths()[e.leafIndex]).String()
@@ -559,7 +583,7 @@ func (s *Service) BundleAt(ctx context.Context, id [16]byte, checkpoint []byte) 
 				"receipt", fmt.Sprintf("%x", id), "batch", e.batchID, "leaf", e.leafIndex, "found", ok)
 		}
 	case e.signed:
-		b.Token = Token{ID: id, LeafHash: LeafHash(data), KeyID: e.keyID, Signature: e.signature}.String()
+		b.Token = Token{ID: id, LeafHash: leaf, KeyID: e.keyID, Signature: e.signature}.String()
 	}
 	return b, nil
 }
@@ -632,9 +656,14 @@ func (s *Service) Published() (PublishedKeys, error) {
 	return out, nil
 }
 
-// Run rotates delegated keys and follows KMS key rotation until ctx ends.
+// Run rotates delegated keys, follows KMS key rotation and, with
+// KeepBodiesFor set, prunes old bodies (once SetHolds is called) until ctx
+// ends.
 func (s *Service) Run(ctx context.Context) {
 	go s.keys.Run(ctx)
+	if s.cfg.KeepBodiesFor > 0 {
+		go s.runRetention(ctx)
+	}
 	t := time.NewTicker(s.cfg.KMSRefresh)
 	defer t.Stop()
 	for {
@@ -656,6 +685,10 @@ func (s *Service) Close(ctx context.Context) error {
 	s.closeMu.Lock()
 	s.closing = true
 	s.closeMu.Unlock()
+	// No bundle is rewritten once the index and the log start closing.
+	s.ret.mu.Lock()
+	s.ret.closed = true
+	s.ret.mu.Unlock()
 	var werr error
 	if s.wal != nil {
 		werr = s.wal.close(ctx)

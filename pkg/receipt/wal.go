@@ -363,6 +363,27 @@ func (w *wal) rotateLocked() error {
 	return nil
 }
 
+// dropIdle deletes the current segment once every record in it is in the
+// log and it is older than a segment may be: an idle journal would keep
+// its last receipts' bodies until the next write, past any retention.
+// The next write opens a new segment.
+func (w *wal) dropIdle() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	c := w.cur
+	if w.err != nil || c == nil || c.records == 0 || c.pending > 0 || time.Since(c.opened) <= w.maxAge {
+		return nil
+	}
+	c.sealed = true
+	w.cur = nil
+	// A file left behind holds only receipts the log has: the next start
+	// finds them there and deletes it. Not a reason to stop the journal.
+	if err := w.maybeDropLocked(c); err != nil {
+		return fmt.Errorf("receipt journal: dropping an idle segment: %w", err)
+	}
+	return nil
+}
+
 // failed is the journal's sticky error, nil while it works.
 func (w *wal) failed() error {
 	w.mu.Lock()

@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -68,7 +69,12 @@ type Pusher struct {
 	o    PusherOptions
 	v    note.Verifier
 	poke chan struct{} // Poke's signal
+	held atomic.Uint64 // the entries the peer's mirror said it holds
 }
+
+// Held is how many of this region's entries the peer's mirror holds, as
+// it last said (0 until it has).
+func (p *Pusher) Held() uint64 { return p.held.Load() }
 
 // NewPusher checks the peer's mirror key.
 func NewPusher(o PusherOptions) (*Pusher, error) {
@@ -140,6 +146,7 @@ func (p *Pusher) Run(ctx context.Context) {
 		default: // cosigned
 			next, known, cosigned = size, true, size
 		}
+		p.held.Store(next)
 		p.o.Metrics.next.WithLabelValues(p.o.Peer).Set(float64(next))
 		wait = 0
 		switch {
