@@ -148,7 +148,7 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 	err = harness.Poll(30*time.Second, 200*time.Millisecond, func() error {
 		d, err := bundleOf(usK, first)
 		if err != nil || !d.Durable || len(d.mirroredBy()) != 2 {
-			return fmt.Errorf("not held by both peers' mirrors yet: %+v %v", d, err)
+			return fmt.Errorf("not held by both peers' mirrors yet: %+v (%w)", d, err)
 		}
 		return nil
 	})
@@ -199,7 +199,7 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 		}
 		d, err := bundleOf(usK, during)
 		if err != nil || !d.Durable {
-			return fmt.Errorf("a receipt logged during the partition is not durable by ap-south: %+v %v", d, err)
+			return fmt.Errorf("a receipt logged during the partition is not durable by ap-south: %+v (%w)", d, err)
 		}
 		return nil
 	})
@@ -250,7 +250,7 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 	setLinks(us, true, ap)
 	err = harness.Poll(30*time.Second, 250*time.Millisecond, func() error {
 		if d, err := bundleOf(usK, alone); err != nil || !d.Durable {
-			return fmt.Errorf("not durable once ap-south is back: %+v %v", d, err)
+			return fmt.Errorf("not durable once ap-south is back: %+v (%w)", d, err)
 		}
 		return nil
 	})

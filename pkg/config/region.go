@@ -95,6 +95,7 @@ func (c *Config) validateRegion(fail failFunc) error {
 		return fail("region.quorum", "must be 0 (a majority) to %d (this region and its %d peers), got %d", 1+len(r.Peers), len(r.Peers), r.Quorum)
 	}
 	names := map[string]bool{r.Name: true}
+	urls := map[string]string{}
 	logOrigins, originOwner := map[string]string{}, map[string]string{}
 	for i, p := range r.Peers {
 		key := func(f string) string { return "region.peers[" + strconv.Itoa(i) + "]." + f }
@@ -115,6 +116,11 @@ func (c *Config) validateRegion(fail failFunc) error {
 		if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
 			return fail(key("url"), "%q: want http(s)://host:port, the peer's listen.region", p.URL)
 		}
+		if other, ok := urls[u.Host]; ok {
+			// Under mTLS the address names the SPIFFE ID to expect there.
+			return fail(key("url"), "%q is also %s's URL: each peer has its own listen.region", p.URL, other)
+		}
+		urls[u.Host] = p.Name
 		if mtls && u.Scheme != "https" {
 			return fail(key("url"), "%q: with identity.* on, peers are reached over mTLS: use https", p.URL)
 		}

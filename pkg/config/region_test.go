@@ -69,6 +69,7 @@ func TestRegionConfig(t *testing.T) {
 		{peer(fmt.Sprintf("{name: eu-west, url: \"http://127.0.0.2:9443\", witness_key: %q, log_keys: [%q]}", w, w)), "region.peers[0].log_keys[0]: not a checkpoint verifier key (a witness key belongs in witness_key)"},
 		{peer(fmt.Sprintf("{name: eu-west, url: \"http://127.0.0.2:9443\", witness_key: %q, log_keys: [%q, %q]}", w, l, l2)), "region.peers[0].log_keys[1]: names origin \"knhk/ap-south\", but this peer's first key names \"knhk/eu-west\""},
 		{fmt.Sprintf("listen:\n  region: 127.0.0.1:9443\nregion:\n  name: us-east\n  peers:\n    - {name: eu-west, url: \"http://127.0.0.2:9443\", witness_key: %q, log_keys: [%q]}\n    - {name: ap-south, url: \"http://127.0.0.3:9443\", witness_key: %q, log_keys: [%q]}\n", w, l, w2, l), "region.peers[1].log_keys[0]: origin \"knhk/eu-west\" is also eu-west's"},
+		{fmt.Sprintf("listen:\n  region: 127.0.0.1:9443\nregion:\n  name: us-east\n  peers:\n    - {name: eu-west, url: \"http://127.0.0.2:9443\", witness_key: %q, log_keys: [%q]}\n    - {name: ap-south, url: \"http://127.0.0.2:9443\", witness_key: %q, log_keys: [%q]}\n", w, l, w2, l2), "region.peers[1].url: \"http://127.0.0.2:9443\" is also eu-west's URL"},
 		{"listen:\n  region: 127.0.0.1:9443\nreceipts:\n  origin: knhk/eu-west\nregion:\n  name: us-east\n  peers:\n    - " + fmt.Sprintf("{name: eu-west, url: \"http://127.0.0.2:9443\", %s}", good) + "\n", "region.peers[0].log_keys[0]: names origin \"knhk/eu-west\", this region's own receipts.origin"},
 	})
 }
