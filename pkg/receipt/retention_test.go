@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -518,5 +519,32 @@ func TestVerifyPrunedBundle(t *testing.T) {
 		if got, ok := failed(Verify(c.b, k)); !ok || got != c.want {
 			t.Errorf("%s: failed at %q (%v), want %q", name, got, ok, c.want)
 		}
+	}
+}
+
+// TestRetentionWaitsForTheMirrors: nothing a peer's mirror does not hold
+// yet is pruned (its copy would be a tombstone that is not the leaf);
+// once the mirrors hold the bundle, it is.
+func TestRetentionWaitsForTheMirrors(t *testing.T) {
+	ctx := context.Background()
+	rl := newRetentionLog(t, nil, nil)
+	s := rl.s
+	hs, err := NewHoldSet(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.SetHolds(hs)
+	var held atomic.Uint64
+	held.Store(255) // one short of the first full bundle
+	s.SetPruneBound(held.Load)
+	if st, err := s.Prune(ctx, rl.cutoff); err != nil || st.Pruned != 0 {
+		t.Fatalf("with the mirrors one entry short of bundle 0: %+v %v", st, err)
+	}
+	if b := bundleWhenIntegrated(t, s, rl.ids[0]); b.Pruned {
+		t.Fatal("a receipt no mirror holds yet was pruned")
+	}
+	held.Store(retentionEntries)
+	if st, err := s.Prune(ctx, rl.cutoff); err != nil || st.Pruned != 256 {
+		t.Fatalf("once the mirrors hold bundle 0: %+v %v", st, err)
 	}
 }
