@@ -40,7 +40,7 @@ type regionParts struct {
 	mirror    *region.Mirror
 	mirrorKey *region.Cosigner
 	pushers   []*region.Pusher
-	pushing   sync.WaitGroup
+	pushing   sync.WaitGroup // the pushers and the mirror's retention
 	durable   *region.Quorum
 	tracked   chan struct{} // closed when track returns; nil until Serve starts it
 	witness   *region.Witness
@@ -397,4 +397,27 @@ func (e serverErrors) Write(p []byte) (int, error) {
 	}
 	e.log.Warn("region: listen.region", "error", msg)
 	return len(p), nil
+}
+
+// retainMirrored applies this region's receipts.retention to the entries
+// it mirrors, at start and every minute, until ctx ends.
+func (r *regionParts) retainMirrored(ctx context.Context, keep time.Duration, log *slog.Logger, pruned prometheus.Counter) {
+	t := time.NewTicker(time.Minute)
+	defer t.Stop()
+	for {
+		now := time.Now()
+		st, err := r.mirror.Prune(now.Add(-keep), now)
+		pruned.Add(float64(st.Pruned))
+		switch {
+		case err != nil:
+			log.Error("region: retention of mirrored receipts failed; the next pass tries again", "error", err.Error())
+		case st.Pruned > 0:
+			log.Info("region: mirrored receipt bodies pruned", "pruned", st.Pruned, "held", st.Held, "older_than", keep)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }

@@ -413,6 +413,12 @@ func (s *Server) Serve(ctx context.Context) error {
 			for _, p := range s.region.pushers {
 				s.region.pushing.Go(func() { p.Run(s.ctx) })
 			}
+			if keep := s.config().Receipts.Retention.KeepBodiesFor.D(); keep > 0 {
+				pruned := prometheus.NewCounter(prometheus.CounterOpts{Name: "knhk_region_mirror_pruned_total",
+					Help: "Bodies of mirrored receipts replaced by tombstones under this region's receipts.retention.keep_bodies_for."})
+				s.reg.MustRegister(pruned)
+				s.region.pushing.Go(func() { s.region.retainMirrored(s.ctx, keep, s.log, pruned) })
+			}
 		}
 	}
 	go s.webhooks.Run(s.ctx)

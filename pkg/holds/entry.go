@@ -141,3 +141,6 @@ func ParseEntry(r *receipt.Receipt) (e Entry, ok bool, err error) {
 	}
 	return e, true, nil
 }
+
+// Hold is the hold the entry places, as retention applies it.
+func (e Entry) Hold() receipt.Hold { return e.Selector.hold(e.Expires) }

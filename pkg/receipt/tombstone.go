@@ -65,3 +65,7 @@ func marshalBundle(entries [][]byte) ([]byte, error) {
 	}
 	return b, nil
 }
+
+// Tombstone is the entry that takes a pruned receipt's place (a mirror
+// prunes its copies the same way).
+func Tombstone(id [16]byte, leaf [32]byte) []byte { return tombstone(id, leaf) }

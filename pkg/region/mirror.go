@@ -271,6 +271,9 @@ func (m *Mirror) commit(origin string, st mirrorState, next uint64, rng *compact
 				return err
 			}
 		}
+		if err := applyHolds(tx, origin, added); err != nil {
+			return err
+		}
 		st.Next, st.Range = next, rng.Hashes()
 		if sig != nil && size >= st.Size {
 			st.Size, st.Signed = size, append(append([]byte{}, pending...), sig...)
@@ -326,8 +329,8 @@ func (m *Mirror) Logs() ([]MirroredLog, error) {
 	out := []MirroredLog{}
 	err := m.db.View(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketMirrorMeta).ForEach(func(k, v []byte) error {
-			if bytes.Equal(k, keyMirrorKey) {
-				return nil
+			if k[0] == 0 {
+				return nil // the key binding, prune cursors
 			}
 			var st mirrorState
 			if err := json.Unmarshal(v, &st); err != nil {
