@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -19,6 +20,8 @@ import (
 	"golang.org/x/mod/sumdb/note"
 
 	"github.com/knhk/knhk/internal/harness"
+	"github.com/knhk/knhk/pkg/kms"
+	"github.com/knhk/knhk/pkg/receipt"
 )
 
 // regionMetric reads one series (name with its labels) of a knhk's /metrics.
@@ -118,7 +121,10 @@ func postCheckpoint(url string, body []byte) (int, string, error) {
 //     false until one peer returns;
 //   - eu-west killed (-9) while pushes flow: after its restart it refuses
 //     a checkpoint older than what it cosigned, and cosigns on;
-//   - a forged checkpoint is refused, kept as evidence and counted;
+//   - a slow (200 ms) link to one peer and a thin (64 KB/s) one to the
+//     other: both mirrors keep up;
+//   - a forged checkpoint, and one that rewrites history (signed with
+//     us-east's own key), are refused, kept as evidence and counted;
 //   - no receipt issued during the test is lost.
 func TestRegionsWitnessEachOther(t *testing.T) {
 	needEnvoy(t)
@@ -225,6 +231,26 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 	})
 	if err != nil {
 		t.Fatalf("eu-west did not catch up: %v", err)
+	}
+
+	// A slow link to eu-west (200 ms each way) and a thin one to ap-south
+	// (64 KB/s): quorum continues, both mirrors keep up.
+	if err := errors.Join(rs.Toxi.Latency(harness.Link(us, eu), 200*time.Millisecond, 20*time.Millisecond), rs.Toxi.Bandwidth(harness.Link(us, ap), 64)); err != nil {
+		t.Fatal(err)
+	}
+	slow := receiptNow(t, us.Stack, "slow")
+	err = harness.Poll(60*time.Second, 250*time.Millisecond, func() error {
+		d, err := bundleOf(usK, slow)
+		if err != nil || !d.Durable || len(d.mirroredBy()) != 2 {
+			return fmt.Errorf("over a slow and a thin link, not held by both mirrors yet: %+v (%w)", d, err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := errors.Join(rs.Toxi.Clear(harness.Link(us, eu)), rs.Toxi.Clear(harness.Link(us, ap))); err != nil {
+		t.Fatal(err)
 	}
 
 	// Both peers cut off from us-east: still served, durable: false.
@@ -338,6 +364,39 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 	}
 	if failed > 0 || missing > 0 || len(samples) < offered {
 		t.Fatalf("%d of %d requests not served with a receipt, %d receipts missing from the log (at least %d expected)", failed, len(samples), missing, offered)
+	}
+
+	// Rewritten history: a checkpoint signed with us-east's own key, of
+	// the size eu-west cosigned, with another root. Refused (409, not the
+	// size), kept and counted; eu-west's state stays.
+	kmsKey, err := kms.OpenLocal(filepath.Join(us.Config.DataDir, "keys", "kms-ed25519.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns, _, err := receipt.NewNoteSigner(us.Config.Receipts.Origin, kmsKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	code, sizeBody, err := postCheckpoint(direct, append([]byte("old 0\n\n"), cp...))
+	if err != nil || code != http.StatusConflict {
+		t.Fatalf("asking eu-west's size: %d %q %v", code, sizeBody, err)
+	}
+	size := strings.TrimSpace(sizeBody)
+	other := make([]byte, 32)
+	_, _ = rand.Read(other)
+	rewritten, err := note.Sign(&note.Note{Text: fmt.Sprintf("%s\n%s\n%s\n", us.Config.Receipts.Origin, size, base64.StdEncoding.EncodeToString(other))}, ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	code, msg, err = postCheckpoint(direct, append([]byte("old "+size+"\n\n"), rewritten...))
+	if err != nil || code != http.StatusConflict || !strings.Contains(msg, "rewritten") {
+		t.Fatalf("a rewritten history of size %s: %d %q %v, want 409 naming it", size, code, msg, err)
+	}
+	if n := regionMetric(t, eu.Knhk, `knhk_region_inconsistency_total{kind="root_mismatch",origin="knhk/us-east"}`); n != 1 {
+		t.Fatalf("knhk_region_inconsistency_total for the rewritten history: %v", n)
+	}
+	if code, again, _ := postCheckpoint(direct, append([]byte("old 0\n\n"), cp...)); code != http.StatusConflict || strings.TrimSpace(again) != size {
+		t.Fatalf("eu-west's cosigned size moved: %d %q, was %s", code, again, size)
 	}
 }
 

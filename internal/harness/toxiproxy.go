@@ -84,10 +84,47 @@ func (t *Toxiproxy) SetEnabled(name string, on bool) error {
 	return t.post("/proxies/"+name, map[string]any{"enabled": on}, http.StatusOK)
 }
 
-// Latency adds latency (and jitter) to a proxy's traffic downstream.
+// Latency adds latency (and jitter) to a proxy's traffic both ways.
 func (t *Toxiproxy) Latency(name string, latency, jitter time.Duration) error {
-	return t.post("/proxies/"+name+"/toxics", map[string]any{
-		"name": "latency", "type": "latency", "stream": "downstream",
-		"attributes": map[string]any{"latency": latency.Milliseconds(), "jitter": jitter.Milliseconds()},
-	}, http.StatusOK)
+	for _, stream := range []string{"upstream", "downstream"} {
+		if err := t.post("/proxies/"+name+"/toxics", map[string]any{
+			"name": "latency-" + stream, "type": "latency", "stream": stream,
+			"attributes": map[string]any{"latency": latency.Milliseconds(), "jitter": jitter.Milliseconds()},
+		}, http.StatusOK); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Bandwidth limits a proxy's traffic to kbps KB/s both ways.
+func (t *Toxiproxy) Bandwidth(name string, kbps int) error {
+	for _, stream := range []string{"upstream", "downstream"} {
+		if err := t.post("/proxies/"+name+"/toxics", map[string]any{
+			"name": "bandwidth-" + stream, "type": "bandwidth", "stream": stream,
+			"attributes": map[string]any{"rate": kbps},
+		}, http.StatusOK); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Clear removes every toxic from a proxy.
+func (t *Toxiproxy) Clear(name string) error {
+	for _, toxic := range []string{"latency-upstream", "latency-downstream", "bandwidth-upstream", "bandwidth-downstream"} {
+		req, err := http.NewRequest(http.MethodDelete, t.api+"/proxies/"+name+"/toxics/"+toxic, nil)
+		if err != nil {
+			return err
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return err
+		}
+		_ = resp.Body.Close()
+		if resp.StatusCode != http.StatusNoContent && resp.StatusCode != http.StatusNotFound {
+			return fmt.Errorf("toxiproxy DELETE toxic %s of %s: %s", toxic, name, resp.Status)
+		}
+	}
+	return nil
 }
