@@ -178,6 +178,19 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 	if out, err := runCmd(binDir+"/knhk", "receipt", "verify", "--policy", held, "--admin", usK.AdminURL(), first); err != nil || !strings.Contains(out, "✓ policy") {
 		t.Fatalf("receipt verify --policy (both mirrors): %v\n%s", err, out)
 	}
+	// The policy `knhk region policy` prints counts peers as durability
+	// does (by their mirror keys), so a durable receipt meets it.
+	printed, err := runCmd(binDir+"/knhk", "region", "policy", "--admin", usK.AdminURL())
+	if err != nil || !strings.Contains(printed, "eu-west-mirror") {
+		t.Fatalf("knhk region policy: %v\n%s", err, printed)
+	}
+	own := filepath.Join(t.TempDir(), "printed")
+	if err := os.WriteFile(own, []byte(printed), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := runCmd(binDir+"/knhk", "receipt", "verify", "--policy", own, "--admin", usK.AdminURL(), first); err != nil || !strings.Contains(out, "✓ policy") {
+		t.Fatalf("receipt verify --policy with knhk region policy's: %v\n%s", err, out)
+	}
 	// A policy that needs a witness that never cosigned names the check.
 	_, stranger, _ := note.GenerateKey(rand.Reader, "stranger")
 	strict := filepath.Join(t.TempDir(), "strict")

@@ -36,7 +36,7 @@ type regionParts struct {
 	// durable follows this region's checkpoints to the newest that met
 	// the quorum; track is its one writer, fed the published checkpoints
 	// and, on cosigned, those the peers' mirrors cosigned since.
-	cosigned  chan []byte
+	cosigned  chan cosignature
 	mirror    *region.Mirror
 	mirrorKey *region.Cosigner
 	pushers   []*region.Pusher
@@ -86,7 +86,7 @@ func (s *Server) openRegion(cfg *config.Config) error {
 	if err != nil {
 		return fmt.Errorf("region: %w", err)
 	}
-	r := &regionParts{witness: w, key: key, policy: s.regionPolicy, quorum: cfg.RegionQuorum(), cosigned: make(chan []byte, 16)}
+	r := &regionParts{witness: w, key: key, policy: s.regionPolicy, quorum: cfg.RegionQuorum(), cosigned: make(chan cosignature, 16)}
 	s.region = r // closeBy releases what is opened from here on
 	if r.cosigners, err = region.NewCosigners(keys); err != nil {
 		return fmt.Errorf("region.peers: %w", err)
@@ -138,9 +138,9 @@ func (s *Server) openRegion(cfg *config.Config) error {
 		pu, err := region.NewPusher(region.PusherOptions{
 			Peer: p.Name, URL: p.URL, MirrorKey: p.MirrorKey, Origin: cfg.Receipts.Origin, Client: s.regionClient,
 			Source: s.receipts, Log: s.log, Metrics: pm,
-			Cosigned: func(signed []byte) {
+			Cosigned: func(checkpoint, line []byte) {
 				select {
-				case r.cosigned <- signed:
+				case r.cosigned <- cosignature{checkpoint, line}:
 				default: // the tracker is behind: a newer cosignature supersedes this one
 				}
 			},
@@ -165,7 +165,7 @@ func (s *Server) openRegion(cfg *config.Config) error {
 // witnessing has the receipt log ask every peer region to cosign each
 // checkpoint, under the policy `knhk region policy` prints.
 func (s *Server) witnessing(cfg *config.Config, signer kms.Signer) (receipt.Witnessing, error) {
-	policy, err := regionPolicy(cfg, signer, cfg.RegionQuorum())
+	policy, err := regionPolicy(cfg, signer, cfg.RegionQuorum(), true)
 	if err != nil {
 		return receipt.Witnessing{}, err
 	}
@@ -174,7 +174,7 @@ func (s *Server) witnessing(cfg *config.Config, signer kms.Signer) (receipt.Witn
 	// others' progress would go unseen. It is asked for every peer instead:
 	// each checkpoint carries all that came back within witnessTimeout
 	// (FailOpen), and quorum is judged by this region (regionParts.bundle).
-	push, err := regionPolicy(cfg, signer, 1+len(cfg.Region.Peers))
+	push, err := regionPolicy(cfg, signer, 1+len(cfg.Region.Peers), false)
 	if err != nil {
 		return receipt.Witnessing{}, err
 	}
@@ -264,15 +264,21 @@ func hostPort(u *url.URL) string {
 // before it is published with those that came back.
 const witnessTimeout = 3 * time.Second
 
-// regionPolicy is this region's witness policy, needing quorum regions.
-func regionPolicy(cfg *config.Config, signer kms.Signer, quorum int) ([]byte, error) {
+// regionPolicy is this region's witness policy, needing quorum regions:
+// for verifiers, a mirroring peer counts by its mirror key, as durability
+// counts it; for tessera's pushes, every peer is a witness.
+func regionPolicy(cfg *config.Config, signer kms.Signer, quorum int, verifier bool) ([]byte, error) {
 	logKey, err := receipt.VerifierKey(cfg.Receipts.Origin, signer)
 	if err != nil {
 		return nil, err
 	}
 	peers := make([]region.PeerWitness, 0, len(cfg.Region.Peers))
 	for _, p := range cfg.Region.Peers {
-		peers = append(peers, region.PeerWitness{Name: p.Name, Key: p.WitnessKey, URL: p.URL})
+		pw := region.PeerWitness{Name: p.Name, Key: p.WitnessKey, URL: p.URL}
+		if verifier {
+			pw.MirrorKey = p.MirrorKey
+		}
+		peers = append(peers, pw)
 	}
 	return region.Policy(cfg.Receipts.Origin, logKey, peers, quorum), nil
 }
@@ -345,7 +351,11 @@ func (r *regionParts) track(ctx context.Context, rs *receipt.Service, log *slog.
 					p.Poke()
 				}
 			}
-		case raw = <-r.cosigned:
+		case c := <-r.cosigned:
+			if err := r.durable.Cosigned(c.checkpoint, c.line, time.Now()); err != nil {
+				log.Warn("region: a peer's mirror cosignature not kept", "error", err.Error())
+			}
+			continue
 		}
 		if err == nil {
 			err = r.durable.Observe(raw, time.Now())
@@ -421,3 +431,7 @@ func (r *regionParts) retainMirrored(ctx context.Context, keep time.Duration, lo
 		}
 	}
 }
+
+// cosignature is a peer mirror's cosignature line on a checkpoint of this
+// region's log, for the tracker.
+type cosignature struct{ checkpoint, line []byte }

@@ -351,18 +351,17 @@ func (m *Manager) lift(id [16]byte, by string) (View, string, error) {
 	if !ok {
 		return View{}, "", ErrNotFound
 	}
-	if h.State == StateUnlogged {
-		// Its place first, so that the log never has the lift before it.
-		if err := m.logPlace(h); err != nil {
-			return h.view(), "", err
-		}
-	}
 	if h.State != StateLifting {
+		// Recorded first, so that a lift the log cannot take yet is
+		// retried (with the place before it) rather than forgotten.
 		h.State, h.LiftedBy = StateLifting, by
 		if err := m.put(h); err != nil {
 			return h.view(), "", err
 		}
 		m.unlogged.Store(m.countUnlogged())
+		if err := m.publish(); err != nil { // still in force: only its state shows
+			return h.view(), "", err
+		}
 	}
 	tok, err := m.logLift(h)
 	return h.view(), tok, err
@@ -375,7 +374,10 @@ func (m *Manager) logPlace(h *Hold) error {
 		m.log.Warn("legal hold in force, but its entry could not be logged yet; retrying", "hold", hex.EncodeToString(h.ID[:]), "error", err.Error())
 		return fmt.Errorf("%w (it is in force, and logged as soon as the receipt log takes it): %w", ErrNotLogged, err)
 	}
-	h.State, h.Receipt = StateActive, tok
+	if h.State != StateLifting {
+		h.State = StateActive
+	}
+	h.Receipt = tok
 	h.Entries = append(h.Entries, id)
 	if len(h.Entries) > maxEntries {
 		h.Entries = h.Entries[len(h.Entries)-maxEntries:]
@@ -393,8 +395,15 @@ func (m *Manager) logPlace(h *Hold) error {
 	return nil
 }
 
-// logLift logs h's lift and then drops it.
+// logLift logs h's lift and then drops it; a hold whose place was never
+// logged gets its place logged first, so that the log never has a lift
+// before its place.
 func (m *Manager) logLift(h *Hold) (string, error) {
+	if len(h.Entries) == 0 {
+		if err := m.logPlace(h); err != nil {
+			return "", err
+		}
+	}
 	tok, id, err := m.issue(h.entry(ActionLift), h.LiftedBy)
 	if err != nil {
 		m.log.Warn("legal hold lift could not be logged yet; the hold stays in force until it is; retrying", "hold", hex.EncodeToString(h.ID[:]), "error", err.Error())

@@ -239,20 +239,29 @@ func TestChangesThatCannotBeLoggedStayInForce(t *testing.T) {
 	if !lg.holds(held, time.Now()) || m.Unlogged() != 1 {
 		t.Fatal("an unlogged hold is not in force")
 	}
-	// A lift of a hold whose place is not logged yet waits for it.
+	// A lift of a hold whose place is not logged yet is kept, and logged
+	// (after the place) once the log takes them: never forgotten.
 	if _, _, err := m.Lift(ctx, mustID(t, v.ID), ""); !errors.Is(err, ErrNotLogged) {
 		t.Fatalf("lift while the log fails: %v", err)
 	}
-	if l := m.List(); len(l) != 1 || l[0].State != StateUnlogged || !lg.holds(held, time.Now()) {
+	if l := m.List(); len(l) != 1 || l[0].State != StateLifting || !lg.holds(held, time.Now()) {
 		t.Fatalf("after a failed lift: %+v", l)
 	}
 	lg.setFail(nil)
-	poll(t, "the place logged by a retry", func() error {
-		if l := m.List(); len(l) != 1 || l[0].State != StateActive {
+	poll(t, "the place and the lift logged by a retry", func() error {
+		if l := m.List(); len(l) != 0 {
 			return fmt.Errorf("%+v", l)
 		}
 		return nil
 	})
+	if lg.holds(held, time.Now()) {
+		t.Fatal("the lifted hold still holds")
+	}
+	first := v.ID
+	// A logged hold whose lift cannot be logged yet stays in force.
+	if v, err = m.Place(ctx, place(t, `{"caller":"spiffe://example.org/x","reason":"r"}`), ""); err != nil {
+		t.Fatal(err)
+	}
 	lg.setFail(errors.New("journal failed"))
 	if v, _, err = m.Lift(ctx, mustID(t, v.ID), ""); !errors.Is(err, ErrNotLogged) || v.State != StateLifting {
 		t.Fatalf("lift while the log fails: %+v %v", v, err)
@@ -283,7 +292,7 @@ func TestChangesThatCannotBeLoggedStayInForce(t *testing.T) {
 	for _, e := range lg.entries(t) {
 		actions = append(actions, e.Action+":"+hex.EncodeToString(e.ID[:]))
 	}
-	want := []string{"place:" + v.ID, "lift:" + v.ID, "place:" + v2.ID}
+	want := []string{"place:" + first, "lift:" + first, "place:" + v.ID, "lift:" + v.ID, "place:" + v2.ID}
 	if fmt.Sprint(actions) != fmt.Sprint(want) {
 		t.Fatalf("logged %v, want %v", actions, want)
 	}

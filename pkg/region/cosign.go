@@ -1,7 +1,6 @@
 package region
 
 import (
-	"bytes"
 	"fmt"
 	"strings"
 	"time"
@@ -99,27 +98,4 @@ func (c *Cosigners) Counted(cs []Cosignature) int {
 		}
 	}
 	return len(regions)
-}
-
-// Merge adds to a signed checkpoint the signature lines of another
-// signing of the same body that it lacks. It returns nil if the bodies
-// differ.
-func Merge(a, b []byte) []byte {
-	ta, sa, oka := bytes.Cut(a, []byte("\n\n"))
-	tb, sb, okb := bytes.Cut(b, []byte("\n\n"))
-	if !oka || !okb || !bytes.Equal(ta, tb) {
-		return nil
-	}
-	out := append([]byte{}, a...)
-	have := map[string]bool{}
-	for _, l := range bytes.SplitAfter(sa, []byte("\n")) {
-		have[string(l)] = true
-	}
-	for _, l := range bytes.SplitAfter(sb, []byte("\n")) {
-		if len(l) > 0 && !have[string(l)] {
-			out = append(out, l...)
-			have[string(l)] = true
-		}
-	}
-	return out
 }

@@ -25,6 +25,7 @@ import (
 	"golang.org/x/mod/sumdb/note"
 
 	"github.com/knhk/knhk/internal/fsutil"
+	"github.com/knhk/knhk/pkg/receipt"
 )
 
 // MirrorSuffix names a region's mirror key: the tlog-mirror spec wants
@@ -65,14 +66,16 @@ type MirrorOptions struct {
 // against their checkpoints, and cosigns a checkpoint once it holds every
 // entry it covers (C2SP tlog-mirror's add-entries).
 type Mirror struct {
-	key  *Cosigner
-	db   *bolt.DB
-	w    *Witness
-	log  *slog.Logger
-	rf   compact.RangeFactory
-	mu   sync.Mutex // serialises uploads: one owner of each origin's state
-	held *prometheus.GaugeVec
-	res  *prometheus.CounterVec
+	key *Cosigner
+	db  *bolt.DB
+	w   *Witness
+	log *slog.Logger
+	rf  compact.RangeFactory
+	mu  sync.Mutex // serialises uploads: one owner of each origin's state
+	// buffers bounds the request bodies read into memory at once.
+	buffers chan struct{}
+	held    *prometheus.GaugeVec
+	res     *prometheus.CounterVec
 }
 
 // NewMirror opens the mirror state, bound to its key as the witness's is.
@@ -81,7 +84,7 @@ func NewMirror(o MirrorOptions) (*Mirror, error) {
 	if err != nil {
 		return nil, fmt.Errorf("mirror state %s: %w", o.Path, err)
 	}
-	m := &Mirror{key: o.Key, db: db, w: o.Witness, log: o.Log, rf: compact.RangeFactory{Hash: rfc6962.DefaultHasher.HashChildren}}
+	m := &Mirror{key: o.Key, db: db, w: o.Witness, log: o.Log, rf: compact.RangeFactory{Hash: rfc6962.DefaultHasher.HashChildren}, buffers: make(chan struct{}, 2)}
 	err = fsutil.SyncDir(filepath.Dir(o.Path))
 	if err == nil {
 		err = db.Update(func(tx *bolt.Tx) error {
@@ -207,7 +210,7 @@ func (m *Mirror) addEntries(ctx context.Context, body io.Reader) Outcome {
 			return message(500, "add-entries: %v", err)
 		}
 		for _, x := range p.entries[next-s:] {
-			if err := tmp.Append(rfc6962.DefaultHasher.HashLeaf(x), nil); err != nil {
+			if err := tmp.Append(leafOf(x), nil); err != nil {
 				return message(500, "add-entries: %v", err)
 			}
 		}
@@ -384,6 +387,32 @@ func (m *Mirror) register(mux *http.ServeMux) {
 			writeOutcome(rw, message(415, "add-entries: Content-Encoding %q: want gzip or none", clip([]byte(r.Header.Get("Content-Encoding")))))
 			return
 		}
-		writeOutcome(rw, m.AddEntries(r.Context(), body))
+		// Read whole before the mirror's lock, so a slow peer holds up
+		// nobody; at most two bodies are buffered at once.
+		select {
+		case m.buffers <- struct{}{}:
+			defer func() { <-m.buffers }()
+		case <-r.Context().Done():
+			return
+		}
+		b, err := io.ReadAll(io.LimitReader(body, maxMirrorBody+1))
+		if err != nil && len(b) == 0 {
+			writeOutcome(rw, message(400, "add-entries: reading the body: %v", err))
+			return
+		}
+		// A body cut short (or past the limit) is what the spec's 202
+		// is for: the packages that arrived whole are kept.
+		writeOutcome(rw, m.AddEntries(r.Context(), bytes.NewReader(b[:min(len(b), maxMirrorBody)])))
 	})
+}
+
+// leafOf is an entry's leaf hash. An entry the origin's retention pruned
+// is a tombstone carrying its leaf hash: a mirror that catches up past
+// pruning stores the tombstone, proved like any entry by the hash it
+// carries (so it holds what the origin holds, and no more).
+func leafOf(entry []byte) []byte {
+	if _, leaf, ok := receipt.ParseTombstone(entry); ok {
+		return leaf[:]
+	}
+	return rfc6962.DefaultHasher.HashLeaf(entry)
 }

@@ -14,8 +14,11 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	fnote "github.com/transparency-dev/formats/note"
+	"github.com/transparency-dev/merkle/rfc6962"
 	"github.com/transparency-dev/tessera/client"
 	"golang.org/x/mod/sumdb/note"
+
+	"github.com/knhk/knhk/pkg/receipt"
 )
 
 type testMirror struct {
@@ -270,3 +273,32 @@ func FuzzAddEntries(f *testing.F) {
 }
 
 func discard() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+// TestMirrorTakesTombstones: a mirror catching up past the origin's
+// retention gets tombstones for pruned entries; it stores one when its
+// leaf hash is the entry's, and refuses one that is not.
+func TestMirrorTakesTombstones(t *testing.T) {
+	m := newTestMirror(t)
+	m.witnessed(t, 0, 300)
+	stone := func(bad bool) func(i uint64, e []byte) []byte {
+		return func(i uint64, e []byte) []byte {
+			if i != 7 {
+				return e
+			}
+			leaf := [32]byte(rfc6962.DefaultHasher.HashLeaf(e))
+			if bad {
+				leaf[0] ^= 1
+			}
+			return receipt.Tombstone([16]byte{7}, leaf)
+		}
+	}
+	if o := m.AddEntries(context.Background(), bytes.NewReader(m.upload(t, 0, 300, stone(true)))); o.Status != 422 || m.held(t) != 0 {
+		t.Fatalf("a tombstone with another leaf: %d %s, holds %d", o.Status, o.Body, m.held(t))
+	}
+	if o := m.AddEntries(context.Background(), bytes.NewReader(m.upload(t, 0, 300, stone(false)))); o.Status != 200 || m.held(t) != 300 {
+		t.Fatalf("a tombstone with the entry's leaf: %d %s, holds %d", o.Status, o.Body, m.held(t))
+	}
+	if e, _ := m.Entry(testOrigin, 7); !bytes.HasPrefix(e, []byte("knhk-pruned/v1")) {
+		t.Fatalf("entry 7: %q", e)
+	}
+}

@@ -130,6 +130,9 @@ func AddEntriesBody(origin string, start, end uint64, entries func(from, to uint
 	_ = binary.Write(&b, binary.BigEndian, end)
 	_ = binary.Write(&b, binary.BigEndian, uint16(0))
 	for i := range min(numPackages(start, end), maxPackages) {
+		if b.Len() > maxMirrorBody/2 {
+			break // the rest in the next request, well within the mirror's limit
+		}
 		s, e := packageBounds(start, end, i)
 		es, err := entries(s, e)
 		if err != nil {

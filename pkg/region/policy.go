@@ -11,6 +11,11 @@ type PeerWitness struct {
 	Name string
 	Key  string // its cosignature/v1 verifier key
 	URL  string // its listen.region root; /add-checkpoint is appended
+	// MirrorKey, when the peer mirrors this region's log, is the key it
+	// counts by for a verifier: its mirror cosignature (it holds the
+	// entries). Leave it empty in the policy given to tessera, which
+	// pushes to witnesses.
+	MirrorKey string
 }
 
 // Policy writes the witness policy for this region's log, in the Sigsum
@@ -23,6 +28,11 @@ func Policy(origin string, logKey string, peers []PeerWitness, quorum int) []byt
 	fmt.Fprintf(&b, "log %s\n", logKey)
 	names := make([]string, 0, len(peers))
 	for _, p := range peers {
+		if p.MirrorKey != "" {
+			fmt.Fprintf(&b, "witness %s%s %s\n", p.Name, MirrorSuffix, p.MirrorKey)
+			names = append(names, p.Name+MirrorSuffix)
+			continue
+		}
 		fmt.Fprintf(&b, "witness %s %s %s\n", p.Name, p.Key, p.URL)
 		names = append(names, p.Name)
 	}

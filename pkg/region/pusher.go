@@ -35,9 +35,10 @@ type PusherOptions struct {
 	Origin    string // this region's log
 	Client    *http.Client
 	Source    MirrorSource
-	// Cosigned gets each checkpoint with the peer's mirror cosignature
-	// added. It is called from Run's goroutine, with no lock held.
-	Cosigned func(signed []byte)
+	// Cosigned gets each checkpoint (as read from Source) and the peer's
+	// mirror cosignature line on it, checked. It is called from Run's
+	// goroutine, with no lock held.
+	Cosigned func(checkpoint, line []byte)
 	Log      *slog.Logger
 	Metrics  *PusherMetrics
 }
@@ -190,14 +191,21 @@ func (p *Pusher) push(ctx context.Context, cp []byte, start, size uint64) (bool,
 	}
 	switch resp.StatusCode {
 	case http.StatusOK:
-		signed := append(append([]byte{}, cp...), rb...)
-		if _, err := note.Open(signed, note.VerifierList(p.v)); err != nil {
+		// Exactly one line, by the pinned mirror key, over this checkpoint:
+		// nothing else the peer sends reaches the checkpoint kept.
+		text, _, ok := splitNote(cp)
+		if !ok || bytes.Count(rb, []byte("\n")) != 1 || !bytes.HasSuffix(rb, []byte("\n")) {
 			p.o.Metrics.results.WithLabelValues(p.o.Peer, "refused").Inc()
-			return false, nil, fmt.Errorf("the mirror's cosignature does not verify with its pinned key: %w", err)
+			return false, nil, fmt.Errorf("the mirror's answer is not one cosignature line: %q", clip(rb))
+		}
+		n, err := note.Open(append(append(append([]byte{}, text...), '\n'), rb...), note.VerifierList(p.v))
+		if err != nil || len(n.Sigs) != 1 {
+			p.o.Metrics.results.WithLabelValues(p.o.Peer, "refused").Inc()
+			return false, nil, fmt.Errorf("the mirror's cosignature does not verify with its pinned key: %v", err)
 		}
 		p.o.Metrics.results.WithLabelValues(p.o.Peer, "cosigned").Inc()
 		if p.o.Cosigned != nil {
-			p.o.Cosigned(signed)
+			p.o.Cosigned(cp, rb)
 		}
 		return false, nil, nil
 	case http.StatusAccepted, http.StatusConflict:

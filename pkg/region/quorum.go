@@ -7,11 +7,13 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
+	"sort"
 	"strconv"
 	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/mod/sumdb/note"
 
 	"github.com/knhk/knhk/internal/fsutil"
 )
@@ -32,7 +34,8 @@ type Quorum struct {
 	// one, oldest first, for the delay histogram; bounded, since a long
 	// partition must not grow it without end.
 	pending []seen
-	last    []byte // the checkpoint last observed
+	last    []byte      // the latest checkpoint, as gathered
+	recent  []*gathered // the last maxGathered checkpoints, oldest first
 	peers   []string
 
 	size, durable, durableLag, met prometheus.Gauge
@@ -129,24 +132,101 @@ func NewQuorum(o QuorumOptions) (*Quorum, error) {
 // State is the latest snapshot.
 func (q *Quorum) State() *QuorumState { return q.state.Load() }
 
-// Observe takes a signed checkpoint of this region's log (verified by the
-// caller): the latest one published, or one with cosignatures gathered
-// since (a peer's mirror cosignature comes after publication). Signatures
-// on the same checkpoint add up. A newer one that meets the quorum is kept
-// on disk before it is used, so what a reader was told is durable stays
-// so after a crash.
+// gathered is one checkpoint of this region's log with the peer
+// cosignatures that came for it after it was published.
+type gathered struct {
+	text  []byte            // the checkpoint body
+	base  []byte            // the published note, read from this region's log
+	extra map[string][]byte // peer cosignature lines since, by key name, each verified on its own
+}
+
+// note is the published note with the cosignatures gathered since.
+func (g *gathered) note() []byte {
+	out := append([]byte{}, g.base...)
+	names := make([]string, 0, len(g.extra))
+	for n := range g.extra {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		if !bytes.Contains(g.base, []byte("\n\u2014 "+n+" ")) {
+			out = append(out, g.extra[n]...)
+		}
+	}
+	return out
+}
+
+// maxGathered is how many recent checkpoints cosignatures add up on: a
+// mirror behind by more than that cosigns one the quorum has passed.
+const maxGathered = 16
+
+func (q *Quorum) find(text []byte, base []byte) *gathered {
+	for _, g := range q.recent {
+		if bytes.Equal(g.text, text) {
+			return g
+		}
+	}
+	g := &gathered{text: text, base: base, extra: map[string][]byte{}}
+	if len(q.recent) == maxGathered {
+		q.recent = q.recent[1:]
+	}
+	q.recent = append(q.recent, g)
+	return g
+}
+
+// splitNote is a signed note's text and its signature lines, split where
+// note.Open splits it: at the last blank line.
+func splitNote(n []byte) (text, sigs []byte, ok bool) {
+	i := bytes.LastIndex(n, []byte("\n\n"))
+	if i < 0 {
+		return nil, nil, false
+	}
+	return n[:i+1], n[i+2:], true
+}
+
+// Observe takes this region's latest published checkpoint, as read from
+// its own log. A newer one that meets the quorum is kept on disk before
+// it is used, so what a reader was told is durable stays so after a
+// crash.
 func (q *Quorum) Observe(raw []byte, now time.Time) error {
+	text, _, ok := splitNote(raw)
+	if !ok {
+		return errors.New("not a signed checkpoint")
+	}
+	g := q.find(text, raw)
+	g.base = raw // republished, perhaps with more witness cosignatures
+	return q.evaluate(g, now)
+}
+
+// Cosigned takes a peer's cosignature line on checkpoint, a note read
+// from this region's own log. The line is kept only if it verifies, on its
+// own, with a pinned peer key: what a peer sends cannot touch the rest.
+func (q *Quorum) Cosigned(checkpoint, line []byte, now time.Time) error {
+	text, _, ok := splitNote(checkpoint)
+	if !ok {
+		return errors.New("not a signed checkpoint")
+	}
+	if bytes.Count(line, []byte("\n")) != 1 || !bytes.HasSuffix(line, []byte("\n")) {
+		return errors.New("a cosignature is one line")
+	}
+	n, err := note.Open(append(append(append([]byte{}, text...), '\n'), line...), note.VerifierList(q.cos.vs...))
+	if err != nil || len(n.Sigs) != 1 {
+		return fmt.Errorf("a cosignature that no pinned peer key verifies: %v", err)
+	}
+	g := q.find(text, checkpoint)
+	g.extra[n.Sigs[0].Name] = append([]byte{}, line...)
+	return q.evaluate(g, now)
+}
+
+func (q *Quorum) evaluate(g *gathered, now time.Time) error {
+	raw := g.note()
 	size, err := checkpointSize(raw)
 	if err != nil {
 		return err
 	}
 	old := q.State()
-	if m := Merge(q.last, raw); m != nil {
-		raw = m // the same checkpoint again, perhaps with more signatures
-	} else if m := Merge(old.Durable, raw); m != nil {
-		raw = m // another cosignature on the kept one
-	}
-	more := size == old.DurableSize && len(raw) > len(old.Durable) // the kept one, cosigned by more
+	durableText, _, _ := splitNote(old.Durable)
+	more := size == old.DurableSize && bytes.Equal(durableText, g.text) && len(raw) > len(old.Durable) // the kept one, cosigned by more
 	newer := size >= old.Size && !bytes.Equal(raw, q.last)
 	if !newer && size <= old.DurableSize && !more {
 		return nil // nothing new

@@ -19,20 +19,21 @@ import (
 
 // cosigningPeers are peer witness keys for quorum tests.
 type cosigningPeers struct {
-	names   []string
-	signers []note.Signer
-	vkeys   []string
-	logKey  string
+	names       []string
+	signers     []note.Signer
+	vkeys       []string
+	logKey      string
+	logVerifier string
 }
 
 func newCosigningPeers(t *testing.T, names ...string) *cosigningPeers {
 	t.Helper()
 	p := &cosigningPeers{names: names}
-	logKey, _, err := note.GenerateKey(rand.Reader, testOrigin)
+	logKey, logVerifier, err := note.GenerateKey(rand.Reader, testOrigin)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.logKey = logKey
+	p.logKey, p.logVerifier = logKey, logVerifier
 	for _, n := range names {
 		ck, err := LoadOrCreateKey(filepath.Join(t.TempDir(), "witness.key"), n)
 		if err != nil {
@@ -67,7 +68,14 @@ func (p *cosigningPeers) checkpoint(t *testing.T, size uint64, by ...int) []byte
 
 // quorum is a Quorum of 2 (this region and one peer) over the given peers.
 func (p *cosigningPeers) quorum(t *testing.T, path string, reg prometheus.Registerer, peers ...int) *Quorum {
-	const need = 2
+	return p.quorumWith(t, path, 2, reg, peers...)
+}
+
+func (p *cosigningPeers) quorumOf(t *testing.T, path string, need int, peers ...int) *Quorum {
+	return p.quorumWith(t, path, need, nil, peers...)
+}
+
+func (p *cosigningPeers) quorumWith(t *testing.T, path string, need int, reg prometheus.Registerer, peers ...int) *Quorum {
 	t.Helper()
 	var keys []PeerKeys
 	var names []string
@@ -200,23 +208,88 @@ func TestQuorumPendingIsBounded(t *testing.T) {
 	}
 }
 
-// TestQuorumAddsUpCosignatures: cosignatures that arrive apart, on the
-// same checkpoint, add up in the checkpoint kept, even once a newer one
-// is out.
+// lineOf is the last signature line of a signed note.
+func lineOf(t *testing.T, n []byte) []byte {
+	t.Helper()
+	_, sigs, ok := splitNote(n)
+	lines := bytes.SplitAfter(sigs, []byte("\n"))
+	if !ok || len(lines) < 2 {
+		t.Fatalf("no signature lines in %q", n)
+	}
+	return lines[len(lines)-2]
+}
+
+// TestQuorumAddsUpCosignatures: peer cosignatures that arrive apart, on
+// the same checkpoint, add up in the checkpoint kept, even once newer
+// ones are out; at quorum 3 too, where one alone is not enough.
 func TestQuorumAddsUpCosignatures(t *testing.T) {
 	p := newCosigningPeers(t, "eu-west", "ap-south")
-	q := p.quorum(t, filepath.Join(t.TempDir(), "q"), nil, 0, 1)
+	for _, need := range []int{2, 3} {
+		q := p.quorumOf(t, filepath.Join(t.TempDir(), "q"), need, 0, 1)
+		now := time.Now()
+		cp5 := p.checkpoint(t, 5)
+		steps := []func() error{
+			func() error { return q.Observe(cp5, now) },
+			func() error { return q.Cosigned(cp5, lineOf(t, p.checkpoint(t, 5, 0)), now) },
+			func() error { return q.Observe(p.checkpoint(t, 7), now) },
+			func() error { return q.Observe(p.checkpoint(t, 9), now) },
+			func() error { return q.Cosigned(cp5, lineOf(t, p.checkpoint(t, 5, 1)), now) },
+		}
+		for _, f := range steps {
+			if err := f(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		st := q.State()
+		if st.Size != 9 || st.DurableSize != 5 {
+			t.Fatalf("quorum %d: %+v", need, st)
+		}
+		if cs := q.cos.Of(st.Durable); len(cs) != 2 {
+			t.Fatalf("quorum %d: the kept checkpoint has %d cosignatures, want both peers':\n%s", need, len(cs), st.Durable)
+		}
+		lv, _ := note.NewVerifier(p.logVerifier)
+		if _, err := note.Open(st.Durable, note.VerifierList(lv)); err != nil {
+			t.Fatalf("quorum %d: the kept checkpoint does not open with the log's key: %v", need, err)
+		}
+	}
+}
+
+// TestQuorumKeepsOnlyVerifiedCosignatures: what a peer sends back cannot
+// reach the checkpoint kept unless it is one line that a pinned peer key
+// verifies: a blank line, a forged line under a peer's name, or many
+// lines are refused, and the real cosignature still counts after them.
+func TestQuorumKeepsOnlyVerifiedCosignatures(t *testing.T) {
+	p := newCosigningPeers(t, "eu-west", "ap-south")
+	q := p.quorumOf(t, filepath.Join(t.TempDir(), "q"), 3, 0, 1)
 	now := time.Now()
-	for _, cp := range [][]byte{p.checkpoint(t, 5), p.checkpoint(t, 5, 0), p.checkpoint(t, 7), p.checkpoint(t, 5, 1)} {
-		if err := q.Observe(cp, now); err != nil {
+	cp := p.checkpoint(t, 5)
+	if err := q.Observe(cp, now); err != nil {
+		t.Fatal(err)
+	}
+	good0, good1 := lineOf(t, p.checkpoint(t, 5, 0)), lineOf(t, p.checkpoint(t, 5, 1))
+	forged := append([]byte{}, good1...)
+	forged[len(forged)-3] ^= 1 // ap-south's name and key hash, a bad signature
+	for name, line := range map[string][]byte{
+		"a blank line first": append([]byte("\n"), good0...),
+		"two lines":          append(append([]byte{}, good0...), good1...),
+		"a forged signature": forged,
+		"no newline":         good0[:len(good0)-1],
+		"another checkpoint": lineOf(t, p.checkpoint(t, 6, 0)),
+		"the log's own line": lineOf(t, cp),
+	} {
+		if err := q.Cosigned(cp, line, now); err == nil {
+			t.Fatalf("%s: kept", name)
+		}
+	}
+	if st := q.State(); st.Durable != nil {
+		t.Fatalf("refused lines made a checkpoint durable: %+v", st)
+	}
+	for _, l := range [][]byte{good0, good1} {
+		if err := q.Cosigned(cp, l, now); err != nil {
 			t.Fatal(err)
 		}
 	}
-	st := q.State()
-	if st.Size != 7 || st.DurableSize != 5 {
-		t.Fatalf("state: %+v", st)
-	}
-	if cs := q.cos.Of(st.Durable); len(cs) != 2 {
-		t.Fatalf("the kept checkpoint has %d cosignatures, want both peers':\n%s", len(cs), st.Durable)
+	if st := q.State(); st.DurableSize != 5 {
+		t.Fatalf("both real cosignatures: %+v", st)
 	}
 }
