@@ -201,7 +201,7 @@ func (p *Pusher) push(ctx context.Context, cp []byte, start, size uint64) (bool,
 		n, err := note.Open(append(append(append([]byte{}, text...), '\n'), rb...), note.VerifierList(p.v))
 		if err != nil || len(n.Sigs) != 1 {
 			p.o.Metrics.results.WithLabelValues(p.o.Peer, "refused").Inc()
-			return false, nil, fmt.Errorf("the mirror's cosignature does not verify with its pinned key: %v", err)
+			return false, nil, fmt.Errorf("the mirror's cosignature does not verify with its pinned key (%d signatures): %w", sigCount(n), err)
 		}
 		p.o.Metrics.results.WithLabelValues(p.o.Peer, "cosigned").Inc()
 		if p.o.Cosigned != nil {

@@ -211,7 +211,7 @@ func (q *Quorum) Cosigned(checkpoint, line []byte, now time.Time) error {
 	}
 	n, err := note.Open(append(append(append([]byte{}, text...), '\n'), line...), note.VerifierList(q.cos.vs...))
 	if err != nil || len(n.Sigs) != 1 {
-		return fmt.Errorf("a cosignature that no pinned peer key verifies: %v", err)
+		return fmt.Errorf("a cosignature that no pinned peer key verifies (%d signatures): %w", sigCount(n), err)
 	}
 	g := q.find(text, checkpoint)
 	g.extra[n.Sigs[0].Name] = append([]byte{}, line...)
@@ -312,4 +312,12 @@ func checkpointSize(raw []byte) (uint64, error) {
 		return 0, fmt.Errorf("not a checkpoint: size %q", clip(line))
 	}
 	return n, nil
+}
+
+// sigCount is how many signatures a note opened with (0 when it did not).
+func sigCount(n *note.Note) int {
+	if n == nil {
+		return 0
+	}
+	return len(n.Sigs)
 }
