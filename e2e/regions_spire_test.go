@@ -99,6 +99,7 @@ func spireRegionConfig(t *testing.T, r *spireRegion, ident config.Identity) conf
 	c.Receipts.Enabled = true
 	c.Receipts.Origin = "knhk/" + r.name
 	c.Receipts.CheckpointInterval = config.Duration(500 * time.Millisecond)
+	c.Envoy.MessageTimeout = config.Duration(2 * time.Second) // a slow journal fsync is not what this test is about
 	c.Region = config.Region{Name: r.name}
 	c.Identity = ident
 	return c
@@ -145,6 +146,7 @@ func (r *spireRegion) start(t *testing.T, lg io.Writer) {
 		EnvoyArgs: r.envoyArgs,
 		Configure: func(c *config.Config) {
 			c.DataDir, c.Receipts, c.Region, c.Listen.Region, c.Identity = r.cfg.DataDir, r.cfg.Receipts, r.cfg.Region, r.cfg.Listen.Region, r.cfg.Identity
+			c.Envoy.MessageTimeout = r.cfg.Envoy.MessageTimeout
 		}})
 	if err != nil {
 		t.Fatalf("%s: %v", r.name, err)

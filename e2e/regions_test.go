@@ -20,6 +20,7 @@ import (
 	"golang.org/x/mod/sumdb/note"
 
 	"github.com/knhk/knhk/internal/harness"
+	"github.com/knhk/knhk/pkg/config"
 	"github.com/knhk/knhk/pkg/kms"
 	"github.com/knhk/knhk/pkg/receipt"
 )
@@ -130,7 +131,12 @@ func TestRegionsWitnessEachOther(t *testing.T) {
 	needEnvoy(t)
 	lg := logs(t)
 	rs, err := harness.StartRegions(harness.RegionsOptions{BinDir: binDir, Dir: t.TempDir(), Logs: lg, Quorum: 2,
-		Names: []string{"us-east", "eu-west", "ap-south"}, IPs: []string{"127.0.0.1", "127.0.0.2", "127.0.0.3"}})
+		Names: []string{"us-east", "eu-west", "ap-south"}, IPs: []string{"127.0.0.1", "127.0.0.2", "127.0.0.3"},
+		// The journal waits ¾ of message_timeout for its sync: at the
+		// 200 ms default, one slow fsync among four processes on two
+		// cores served a request without its receipt (fail-open), which is
+		// not what this test is about.
+		Configure: func(c *config.Config) { c.Envoy.MessageTimeout = config.Duration(2 * time.Second) }})
 	if err != nil {
 		t.Fatal(err)
 	}

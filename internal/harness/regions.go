@@ -99,6 +99,7 @@ func StartRegions(o RegionsOptions) (_ *Regions, err error) {
 	first := rs.List[0]
 	first.Stack, err = StartStack(StackOptions{BinDir: o.BinDir, Dir: filepath.Join(o.Dir, first.Name+"-stack"), Logs: o.Logs, Configure: func(c *config.Config) {
 		c.DataDir, c.Receipts, c.Region, c.Listen.Region = first.Config.DataDir, first.Config.Receipts, first.Config.Region, first.Config.Listen.Region
+		c.Envoy.MessageTimeout = first.Config.Envoy.MessageTimeout
 	}})
 	if err != nil {
 		return nil, err
