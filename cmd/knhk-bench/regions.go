@@ -170,21 +170,33 @@ type bucket struct {
 	le, n float64
 }
 
-// delayBuckets reads knhk_region_quorum_delay_seconds's buckets.
-func delayBuckets(admin string) ([]bucket, error) {
+// scrape returns the lines of admin's /metrics that start with prefix,
+// without it.
+func scrape(admin, prefix string) ([]string, error) {
 	resp, err := http.Get(admin + "/metrics")
 	if err != nil {
 		return nil, err
 	}
 	defer func() { _ = resp.Body.Close() }()
-	var out []bucket
+	var out []string
 	sc := bufio.NewScanner(io.LimitReader(resp.Body, 16<<20))
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
-		rest, ok := strings.CutPrefix(sc.Text(), `knhk_region_quorum_delay_seconds_bucket{le="`)
-		if !ok {
-			continue
+		if rest, ok := strings.CutPrefix(sc.Text(), prefix); ok {
+			out = append(out, rest)
 		}
+	}
+	return out, sc.Err()
+}
+
+// delayBuckets reads knhk_region_quorum_delay_seconds's buckets.
+func delayBuckets(admin string) ([]bucket, error) {
+	lines, err := scrape(admin, `knhk_region_quorum_delay_seconds_bucket{le="`)
+	if err != nil {
+		return nil, err
+	}
+	var out []bucket
+	for _, rest := range lines {
 		le, v, _ := strings.Cut(rest, `"} `)
 		l, err1 := strconv.ParseFloat(le, 64)
 		n, err2 := strconv.ParseFloat(v, 64)
@@ -197,7 +209,7 @@ func delayBuckets(admin string) ([]bucket, error) {
 	if len(out) == 0 {
 		return nil, fmt.Errorf("%s/metrics: no knhk_region_quorum_delay_seconds", admin)
 	}
-	return out, sc.Err()
+	return out, nil
 }
 
 func subtract(a, b []bucket) []bucket {
@@ -233,19 +245,12 @@ func quantile(bs []bucket, q float64) float64 {
 
 // wireBytes sums knhk_region_wire_bytes_total by direction.
 func wireBytes(admin string) (map[string]float64, error) {
-	resp, err := http.Get(admin + "/metrics")
+	lines, err := scrape(admin, "knhk_region_wire_bytes_total{")
 	if err != nil {
 		return nil, err
 	}
-	defer func() { _ = resp.Body.Close() }()
 	out := map[string]float64{}
-	sc := bufio.NewScanner(io.LimitReader(resp.Body, 16<<20))
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		rest, ok := strings.CutPrefix(sc.Text(), "knhk_region_wire_bytes_total{")
-		if !ok {
-			continue
-		}
+	for _, rest := range lines {
 		labels, v, _ := strings.Cut(rest, "} ")
 		n, err := strconv.ParseFloat(v, 64)
 		if err != nil {
@@ -257,5 +262,5 @@ func wireBytes(admin string) (map[string]float64, error) {
 			}
 		}
 	}
-	return out, sc.Err()
+	return out, nil
 }

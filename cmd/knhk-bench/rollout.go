@@ -2,8 +2,6 @@ package main
 
 import (
 	"fmt"
-	"io"
-	"net/http"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -181,19 +179,12 @@ func xdsPropagation(bin, work string, logs *harness.LogBuffer, changes int) erro
 
 // promValue reads one unlabelled sample from a /metrics page.
 func promValue(adminURL, name string) (float64, error) {
-	resp, err := http.Get(adminURL + "/metrics") //nolint:gosec // loopback admin of the bench's own knhk
+	lines, err := scrape(adminURL, name+" ")
 	if err != nil {
 		return 0, err
 	}
-	defer func() { _ = resp.Body.Close() }()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return 0, err
+	if len(lines) == 0 {
+		return 0, fmt.Errorf("%s not in /metrics", name)
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, name+" "); ok {
-			return strconv.ParseFloat(strings.TrimSpace(rest), 64)
-		}
-	}
-	return 0, fmt.Errorf("%s not in /metrics", name)
+	return strconv.ParseFloat(strings.TrimSpace(lines[0]), 64)
 }

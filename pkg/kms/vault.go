@@ -109,7 +109,11 @@ func (v *Vault) load(ctx context.Context) error {
 	return nil
 }
 
-func intOf(x any) (int, error) {
+func intOf(x any) (int, error) { return VaultInt(x) }
+
+// VaultInt reads a number from a Vault API answer (json.Number or
+// float64, as the client decodes it).
+func VaultInt(x any) (int, error) {
 	switch n := x.(type) {
 	case json.Number:
 		i, err := n.Int64()
@@ -120,6 +124,20 @@ func intOf(x any) (int, error) {
 		return n, nil
 	}
 	return 0, fmt.Errorf("%v is not a number", x)
+}
+
+// VaultSignature splits a Transit signature "vault:v<N>:<base64>" into
+// its key version and base64 part; ok is false for anything else.
+func VaultSignature(sig string) (version int, b64 string, ok bool) {
+	parts := strings.SplitN(sig, ":", 3)
+	if len(parts) != 3 || parts[0] != "vault" || !strings.HasPrefix(parts[1], "v") {
+		return 0, "", false
+	}
+	n, err := strconv.Atoi(parts[1][1:])
+	if err != nil {
+		return 0, "", false
+	}
+	return n, parts[2], true
 }
 
 // Sign signs msg with the pinned key version.
@@ -142,15 +160,14 @@ func (v *Vault) Sign(ctx context.Context, msg []byte) ([]byte, error) {
 
 // parseSignature strips "vault:vN:" and checks N is the pinned version.
 func (v *Vault) parseSignature(sig string) ([]byte, error) {
-	parts := strings.SplitN(sig, ":", 3)
-	if len(parts) != 3 || parts[0] != "vault" || !strings.HasPrefix(parts[1], "v") {
+	n, b64, ok := VaultSignature(sig)
+	if !ok {
 		return nil, fmt.Errorf("vault-transit key %s: signature %q is not vault:vN:…", v.cfg.Key, sig)
 	}
-	n, err := strconv.Atoi(parts[1][1:])
-	if err != nil || n != v.version {
-		return nil, fmt.Errorf("vault-transit key %s: signed with version %s, want v%d", v.cfg.Key, parts[1], v.version)
+	if n != v.version {
+		return nil, fmt.Errorf("vault-transit key %s: signed with version v%d, want v%d", v.cfg.Key, n, v.version)
 	}
-	return base64.StdEncoding.DecodeString(parts[2])
+	return base64.StdEncoding.DecodeString(b64)
 }
 
 // Latest returns a signer pinned to the key's latest version.

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"time"
 
-	"github.com/transparency-dev/merkle/rfc6962"
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/knhk/knhk/pkg/holds"
@@ -147,7 +146,7 @@ func (m *Mirror) pruneOrigin(tx *bolt.Tx, origin string, before, now time.Time, 
 		if err := kept.Delete(k); err != nil {
 			return false, err
 		}
-		return false, eb.Put(k, receipt.Tombstone(r.ID, [32]byte(hashLeaf(v))))
+		return false, eb.Put(k, receipt.Tombstone(r.ID, [32]byte(leafOf(v))))
 	}
 	// Those kept for a hold, again.
 	var keys [][]byte
@@ -186,5 +185,3 @@ func (m *Mirror) pruneOrigin(tx *bolt.Tx, origin string, before, now time.Time, 
 	}
 	return meta.Put(pruneKey(origin), binary.BigEndian.AppendUint64(nil, next))
 }
-
-func hashLeaf(e []byte) []byte { return rfc6962.DefaultHasher.HashLeaf(e) }

@@ -81,7 +81,7 @@ func TestMirrorAppliesHoldsAndRetention(t *testing.T) {
 		if pruned != want {
 			t.Fatalf("entry %d pruned %v, want %v", i, pruned, want)
 		}
-		if pruned && !bytes.Equal(leaf[:], hashLeaf(entries[i])) {
+		if pruned && !bytes.Equal(leaf[:], leafOf(entries[i])) {
 			t.Fatalf("entry %d's tombstone has leaf %x, want the entry's", i, leaf)
 		}
 	}

@@ -6,7 +6,6 @@ import (
 	"crypto/ed25519"
 	"encoding/base64"
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"strconv"
@@ -16,6 +15,8 @@ import (
 	vault "github.com/hashicorp/vault/api"
 	fnote "github.com/transparency-dev/formats/note"
 	"golang.org/x/mod/sumdb/note"
+
+	"github.com/knhk/knhk/pkg/kms"
 )
 
 // VaultKeyConfig names the Vault Transit ed25519 key that cosigns for this
@@ -173,20 +174,19 @@ func (s *vaultSigner) Sign(msg []byte) ([]byte, error) {
 // pinned version.
 func (s *vaultSigner) parseSignature(data map[string]any) ([]byte, error) {
 	str, _ := data["signature"].(string)
-	parts := strings.SplitN(str, ":", 3)
-	if len(parts) != 3 || parts[0] != "vault" || !strings.HasPrefix(parts[1], "v") {
+	n, b64, ok := kms.VaultSignature(str)
+	if !ok {
 		return nil, fmt.Errorf("%s %q: sign: the signature is not vault:v<N>:<base64>", vaultKeyField, s.cfg.Key)
 	}
-	n, err := strconv.Atoi(parts[1][1:])
-	if err != nil || n != s.version {
-		return nil, fmt.Errorf("%s %q: sign: signed with version %s, want v%d", vaultKeyField, s.cfg.Key, parts[1], s.version)
+	if n != s.version {
+		return nil, fmt.Errorf("%s %q: sign: signed with version v%d, want v%d", vaultKeyField, s.cfg.Key, n, s.version)
 	}
 	if kv, ok := data["key_version"]; ok {
-		if n, err := intOf(kv); err != nil || n != s.version {
+		if n, err := kms.VaultInt(kv); err != nil || n != s.version {
 			return nil, fmt.Errorf("%s %q: sign: key_version %v, want %d", vaultKeyField, s.cfg.Key, kv, s.version)
 		}
 	}
-	raw, err := base64.StdEncoding.DecodeString(parts[2])
+	raw, err := base64.StdEncoding.DecodeString(b64)
 	if err != nil || len(raw) != ed25519.SignatureSize {
 		return nil, fmt.Errorf("%s %q: sign: not a %d-byte Ed25519 signature", vaultKeyField, s.cfg.Key, ed25519.SignatureSize)
 	}
@@ -216,7 +216,7 @@ func (s *vaultSigner) read(ctx context.Context) (transitKey, error) {
 	if derived, _ := sec.Data["derived"].(bool); derived {
 		return transitKey{}, fmt.Errorf("%s %q: a derived ed25519 key has a public key per context; the witness needs one key (create it without derived=true)", vaultKeyField, name)
 	}
-	latest, err := intOf(sec.Data["latest_version"])
+	latest, err := kms.VaultInt(sec.Data["latest_version"])
 	if err != nil || latest < 1 {
 		return transitKey{}, fmt.Errorf("%s %q: latest_version %v is not a version", vaultKeyField, name, sec.Data["latest_version"])
 	}
@@ -239,17 +239,4 @@ func (s *vaultSigner) read(ctx context.Context) (transitKey, error) {
 		return transitKey{}, fmt.Errorf("%s %q: v%d has no ed25519 public key in Vault's answer", vaultKeyField, name, latest)
 	}
 	return k, nil
-}
-
-func intOf(x any) (int, error) {
-	switch n := x.(type) {
-	case json.Number:
-		i, err := n.Int64()
-		return int(i), err
-	case float64:
-		return int(n), nil
-	case int:
-		return n, nil
-	}
-	return 0, fmt.Errorf("%v is not a number", x)
 }
